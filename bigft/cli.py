@@ -1,0 +1,149 @@
+"""Command line: the only reader of sys.argv.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands that
+need them, so `bigft --help` and `bigft config show` start instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from bigft import __version__
+from bigft.errors import BigftError
+
+app = typer.Typer(
+    help="bigft: plan, fine-tune, evaluate and export large language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect what the data pipeline makes of a config's data.")
+config_app = typer.Typer(help="Show and check configs.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+console = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_ARG = typer.Argument(..., help="YAML config file.", show_default=False)
+OVERRIDES_ARG = typer.Argument(
+    None, help="Dotted overrides, e.g. optim.lr=1e-4 train.steps=100.", show_default=False
+)
+
+
+def user_errors(func: F) -> F:
+    """Turn user mistakes into one red line and exit code 2, with no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BigftError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (progress bars, load reports) out of bigft's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"bigft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """bigft: plan, fine-tune, evaluate and export large language models."""
+
+
+@app.command()
+@user_errors
+def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+    """Fine-tune as the config says: validate, train, evaluate, export."""
+    from bigft.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from bigft.train import run_training
+
+    summary = run_training(cfg, console)
+    if "final_model" in summary:
+        console.print(f"[green]done[/]: model exported to {summary['final_model']}")
+
+
+@data_app.command("preview")
+@user_errors
+def data_preview(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    num: int = typer.Option(3, "--num", "-n", help="Examples to show."),
+) -> None:
+    """Show formatted + tokenized examples (masked prompt dimmed) and data statistics."""
+    from bigft.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from bigft.data import prepare_data
+    from bigft.data.preview import preview
+    from bigft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
+    preview(prepared, tokenizer, out, n=num)
+
+
+@config_app.command("show")
+@user_errors
+def config_show(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+    """Print the fully resolved config (defaults filled in, overrides applied)."""
+    from bigft.config import dump_config, load_config
+
+    out.print(dump_config(load_config(config, overrides or [])), highlight=False, end="")
+
+
+@app.command()
+@user_errors
+def demo(
+    output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Run directory."),
+    overrides: list[str] | None = OVERRIDES_ARG,
+) -> None:
+    """Tiny end-to-end fine-tune on CPU: make a base model, train, evaluate, export."""
+    _quiet_libraries()
+    from bigft.demo import run_demo
+
+    run_demo(output_dir, overrides or [], console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="bigft")
+    sys.exit(0)

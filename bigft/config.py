@@ -1,0 +1,442 @@
+"""Typed configuration: YAML for users, validated pydantic models inside.
+
+Every section forbids unknown keys; a typo fails with the nearest valid name and the
+line it sits on. `key=value` overrides from the command line use dotted paths and are
+converted to the declared type. This module must not import torch (`bigft --help` and
+`bigft config show` stay fast).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bigft.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which pretrained model to fine-tune and how to load it."""
+
+    name_or_path: str = Field(
+        description="Local directory saved with save_pretrained, or a hub id (needs network)."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory or hub id; defaults to model.name_or_path."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the loaded weights. 'auto': float32 master weights for full "
+        "fine-tuning (mixed precision then computes in bf16/fp16).",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="'auto' picks flash_attention_2 when flash-attn imports and a GPU is "
+        "present, sdpa otherwise.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run modelling code shipped with the checkpoint. Off unless you trust it.",
+    )
+
+
+class SplitConfig(Section):
+    """Ratios for a deterministic train/validation/test split of data.train."""
+
+    train: float = Field(0.9, ge=0, le=1, description="Fraction of rows for training.")
+    validation: float = Field(0.1, ge=0, le=1, description="Fraction for validation.")
+    test: float = Field(0.0, ge=0, le=1, description="Fraction held out for the final test.")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split ratios must sum to 1 (train {self.train} + validation "
+                f"{self.validation} + test {self.test} = {total:g})"
+            )
+        if self.train <= 0:
+            raise ValueError("split.train must be > 0")
+        return self
+
+
+class DataConfig(Section):
+    """Where the data is, what shape its rows have, and how they become training rows."""
+
+    format: Literal["text", "alpaca", "chat"] = Field(
+        "alpaca",
+        description="text: continued pre-training on a text field; alpaca: "
+        "instruction/input/output rows; chat: OpenAI `messages` or ShareGPT `conversations`.",
+    )
+    train: str | list[str] = Field(
+        description="Training data: .jsonl/.json/.csv/.parquet file(s), a directory saved "
+        "with Dataset.save_to_disk, or 'hub:NAME' (needs network). Relative paths resolve "
+        "against the config file's directory."
+    )
+    validation: str | None = Field(
+        None, description="Separate validation file; when absent, split from data.train."
+    )
+    test: str | None = Field(None, description="Separate test file; when absent, split.")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        description="Ratios used for the splits that have no separate file.",
+    )
+    text_field: str = Field("text", description="Column holding the text (format: text).")
+    prompt_template: str = Field(
+        "alpaca",
+        description="Alpaca prompt: 'alpaca' (the Stanford Alpaca preamble), 'short' "
+        "(### Instruction / ### Response only), or a custom string with {instruction} and "
+        "{input}.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template overriding the tokenizer's; when neither exists a "
+        "built-in template is used.",
+    )
+    completion_only: bool = Field(
+        True,
+        description="Train only on responses (prompt and user tokens get label -100). "
+        "Ignored for format: text.",
+    )
+    drop_duplicates: bool = Field(True, description="Drop exact duplicate rows.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Rows longer than train.seq_len: cut them, or drop them."
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several rows into each seq_len row with per-sequence position_ids "
+        "(no attention across sequences); false pads each micro-batch instead.",
+    )
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
+    cache: bool = Field(True, description="Reuse tokenized data cached by the datasets library.")
+    shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+
+    @field_validator("train")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("data.train lists no files")
+        return value
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+
+class MethodConfig(Section):
+    """What is trained: the whole model, or part of it."""
+
+    name: Literal["full"] = Field("full", description="full: every parameter is trained.")
+
+
+class OptimConfig(Section):
+    """Optimizer settings."""
+
+    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="Decoupled weight decay (never applied to biases and norms)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule: warmup, then decay."""
+
+    name: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup optimizer steps; overrides warmup_ratio."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of steps.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Cosine: final lr as a fraction of the peak."
+    )
+
+
+class TrainConfig(Section):
+    """The loop: length, batch, precision, seed, clipping, resume."""
+
+    steps: int | None = Field(
+        None, gt=0, description="Optimizer steps; when unset, run train.epochs."
+    )
+    epochs: float = Field(1.0, gt=0, description="Epochs over the training rows (if no steps).")
+    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
+    micro_batch_size: int | Literal["auto"] = Field(
+        1, description="Rows per device per forward pass; 'auto' asks the memory planner."
+    )
+    grad_accum: int | None = Field(
+        None,
+        gt=0,
+        description="Micro-batches per optimizer step; derived from "
+        "global_batch_size when unset (default 1).",
+    )
+    global_batch_size: int | None = Field(
+        None, gt=0, description="Rows per optimizer step over all devices."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision; 'auto' is bf16 on GPUs that support it, else fp32."
+    )
+    seed: int = Field(42, description="Seed for initialization, shuffling and dropout.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm; null disables clipping."
+    )
+    resume: str = Field(
+        "auto",
+        description="'auto': continue from the latest checkpoint in output_dir if any; "
+        "'never'; or a checkpoint directory.",
+    )
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+
+class GenerateConfig(Section):
+    """Generation-based evaluation on held-out instruction rows."""
+
+    enabled: bool = Field(False, description="Generate answers and score exact match.")
+    num_examples: int = Field(32, gt=0, description="Held-out rows to generate for.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation length limit.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generate() call.")
+
+
+class EvalConfig(Section):
+    """Periodic evaluation on the validation split."""
+
+    every_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N optimizer steps (and at the end)."
+    )
+    at_start: bool = Field(False, description="Also evaluate before the first step.")
+    max_batches: int | None = Field(None, gt=0, description="Cap on validation micro-batches.")
+    batch_size: int | None = Field(None, gt=0, description="Eval micro-batch (default: train's).")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="Exact-match scoring by generation."
+    )
+
+
+class CheckpointConfig(Section):
+    """Resumable checkpoints and the final export."""
+
+    every_steps: int | None = Field(
+        None, gt=0, description="Write a resumable checkpoint every N optimizer steps."
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    export: bool = Field(
+        True, description="Write the final model (safetensors + tokenizer) to output_dir/final."
+    )
+
+
+class LoggingConfig(Section):
+    """Console and file logging."""
+
+    progress_bar: bool = Field(True, description="Rich progress bar on the main process.")
+
+
+class Config(Section):
+    """A bigft run. Sections mirror the data flow: model, data, method, optim, schedule,
+    train, eval, checkpoint, logging."""
+
+    model: ModelConfig = Field(description="The model to fine-tune.")
+    data: DataConfig = Field(description="Training and evaluation data.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="What is trained.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="LR schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints and export."
+    )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    output_dir: str = Field(
+        description="Run directory: resolved config, metrics, checkpoints, final model. "
+        "Relative paths resolve against the current directory."
+    )
+
+    @model_validator(mode="after")
+    def _batch_consistency(self) -> Config:
+        t = self.train
+        if (
+            t.grad_accum is not None
+            and t.global_batch_size is not None
+            and isinstance(t.micro_batch_size, int)
+            and t.global_batch_size % (t.micro_batch_size * t.grad_accum) != 0
+        ):
+            raise ValueError(
+                "train.global_batch_size must equal micro_batch_size x grad_accum x world "
+                "size; set only one of grad_accum and global_batch_size"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, overrides, friendly errors.
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path in a composed YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = (*prefix, str(i))
+            lines[path] = item.start_mark.line + 1
+            lines.update(_key_lines(item, path))
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (model:, data:, ...)"
+        )
+    return data, _key_lines(node) if node is not None else {}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=1e-4` -> (['optim', 'lr'], 1e-4). Values are read as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': expected key=value, e.g. optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
+    """Set dotted keys in place; returns the key paths that came from the command line."""
+    touched: set[tuple[str, ...]] = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override '{item}': {where} is not a section")
+            node = child
+        node[keys[-1]] = value
+        touched.add(tuple(keys))
+    return touched
+
+
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """Valid field names of the section at `loc` (for 'did you mean')."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_error(
+    err: dict[str, Any],
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    overridden: set[tuple[str, ...]],
+) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    if loc in overridden:
+        where = f"command-line override {key}"
+    else:
+        line = None
+        for n in range(len(loc), 0, -1):  # nearest enclosing key that has a line
+            line = lines.get(loc[:n])
+            if line is not None:
+                break
+        where = f"{source}:{line}: {key}" if line else f"{source}: {key}"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(err["loc"][:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate, resolve data paths."""
+    path = Path(path)
+    data, lines = _read_yaml(path)
+    overridden = apply_overrides(data, overrides or [])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _format_error(errors[0], str(path), lines, overridden)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(first + more) from None
+    _resolve_paths(config, path.parent)
+    return config
+
+
+def _resolve(value: str, base: Path) -> str:
+    if value.startswith("hub:") or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() or not Path(value).exists() else value
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    """Data (and local model) paths are relative to the config file, like includes."""
+    data = config.data
+    data.train = [_resolve(p, base) for p in data.train_files]
+    if data.validation:
+        data.validation = _resolve(data.validation, base)
+    if data.test:
+        data.test = _resolve(data.test, base)
+    for attr in ("name_or_path", "tokenizer"):
+        value = getattr(config.model, attr)
+        if value and (base / value).exists() and not Path(value).is_absolute():
+            setattr(config.model, attr, str(base / value))
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML (what is written to the run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

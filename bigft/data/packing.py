@@ -1,0 +1,262 @@
+"""Packing, collation and the deterministic, resumable, rank-sharded loader.
+
+Packed rows carry per-sequence `position_ids` that restart at 0 and no attention mask:
+transformers then isolates the sequences (sdpa, eager, flash-attention varlen), provided
+the forward pass runs with `use_cache=False`. The first label of every sequence is -100
+(see formats.py), so no token is ever predicted from another sequence.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+
+from bigft.data.formats import IGNORE_INDEX
+from bigft.errors import DataError
+
+
+def bin_pack(lengths: Sequence[int] | np.ndarray, seq_len: int) -> list[list[int]]:
+    """Best-fit-decreasing: group sequence indices into bins of total length <= seq_len.
+
+    Each sequence, longest first, goes to the open bin it fills most tightly. Open bins are
+    kept in one sorted list of `remaining * n + bin_id` keys, so finding the best bin is a
+    bisect (O(log n)) and ties break by bin id: the result is deterministic.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return []
+    if lengths.max() > seq_len or lengths.min() <= 0:
+        raise ValueError(f"every sequence length must be in 1..{seq_len} to be packed")
+    n = int(lengths.size)
+    order = np.argsort(-lengths, kind="stable").tolist()
+    sizes = lengths.tolist()
+    smallest = int(lengths.min())
+    open_keys: list[int] = []
+    bins: list[list[int]] = []
+    for i in order:
+        size = sizes[i]
+        pos = bisect.bisect_left(open_keys, size * n)
+        if pos == len(open_keys):
+            b, remaining = len(bins), seq_len - size
+            bins.append([i])
+        else:
+            key = open_keys.pop(pos)
+            b, remaining = key % n, key // n - size
+            bins[b].append(i)
+        if remaining >= smallest:  # a bin nothing can fit into is closed for good
+            bisect.insort(open_keys, remaining * n + b)
+    return bins
+
+
+def _flat(
+    data: Dataset | Sequence[Mapping[str, Sequence[int]]], column: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, per-row lengths) of a list column, without a Python loop per token."""
+    if isinstance(data, Dataset):
+        array = data.with_format("arrow")[column]
+        array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+        return array.flatten().to_numpy(zero_copy_only=False), lengths.astype(np.int64)
+    rows = [np.asarray(row[column], dtype=np.int64) for row in data]
+    lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
+    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return flat, lengths
+
+
+def pack(
+    data: Dataset | Sequence[Mapping[str, Sequence[int]]],
+    seq_len: int,
+    seed: int,
+    pad_token_id: int = 0,
+) -> Dataset:
+    """Pack variable-length rows (`input_ids`, `labels`) into rows of exactly `seq_len`.
+
+    Returns a Dataset with `input_ids`, `labels` and `position_ids`. Sequences are never
+    split; bins come from `bin_pack` and their order is shuffled with `seed`. The unused
+    tail of a row is `pad_token_id` with label -100 and its own position_ids from 0, so it
+    is a separate (ignored) sequence for attention too.
+    """
+    ids, lengths = _flat(data, "input_ids")
+    labels, label_lengths = _flat(data, "labels")
+    if not np.array_equal(lengths, label_lengths):
+        raise ValueError("input_ids and labels differ in length in some row")
+    bins = bin_pack(lengths, seq_len)
+    bins = [bins[b] for b in np.random.default_rng(seed).permutation(len(bins))]
+    order = np.asarray([i for members in bins for i in members], dtype=np.int64)
+    bin_of = np.repeat(np.arange(len(bins)), [len(members) for members in bins])
+
+    seq_lengths = lengths[order]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]  # in the flat input
+    # Offset of each sequence inside its packed row: the running sum of lengths minus the
+    # running sum at the first sequence of its bin.
+    cstart = np.cumsum(seq_lengths) - seq_lengths
+    bin_first = np.searchsorted(bin_of, np.arange(len(bins)))  # bin_of is sorted
+    row_start = cstart - cstart[bin_first][bin_of]
+    within = np.arange(int(seq_lengths.sum())) - np.repeat(cstart, seq_lengths)
+    source = np.repeat(starts, seq_lengths) + within
+    target = np.repeat(bin_of * seq_len + row_start, seq_lengths) + within
+
+    out_ids = np.full(len(bins) * seq_len, pad_token_id, dtype=np.int32)
+    out_labels = np.full(len(bins) * seq_len, IGNORE_INDEX, dtype=np.int32)
+    column = np.tile(np.arange(seq_len), len(bins))
+    used = np.zeros(len(bins), dtype=np.int64)
+    np.add.at(used, bin_of, seq_lengths)
+    out_pos = (column - np.repeat(used, seq_len)).astype(np.int32)  # the tail restarts at 0
+    out_ids[target] = ids[source]
+    out_labels[target] = labels[source]
+    out_pos[target] = within
+
+    def rows(values: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values, type=pa.int32()), seq_len)
+
+    table = pa.table(
+        {"input_ids": rows(out_ids), "labels": rows(out_labels), "position_ids": rows(out_pos)}
+    )
+    # datasets would otherwise hash the whole table for its fingerprint (slow); the inputs
+    # and settings determine the output, so hash those.
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (ids, labels, lengths, np.asarray([seq_len, seed, pad_token_id])):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return Dataset(table, fingerprint=digest.hexdigest())
+
+
+def packing_efficiency(lengths: Sequence[int] | np.ndarray, seq_len: int) -> float:
+    """Real tokens / (packed rows x seq_len) that `pack` achieves on these lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows = len(bin_pack(lengths, seq_len))
+    return float(lengths.sum()) / (rows * seq_len) if rows else 0.0
+
+
+class Collator:
+    """list of rows -> dict of torch.long tensors.
+
+    packed=True: rows already have equal length; stack input_ids, labels, position_ids (no
+    attention_mask: isolation comes from position_ids). packed=False: right-pad to the
+    longest row in the batch, labels with -100, attention_mask 1 for real tokens.
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool) -> None:
+        self.pad_token_id = pad_token_id
+        self.packed = packed
+
+    def __call__(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            keys = ("input_ids", "labels", "position_ids")
+            return {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in keys}
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            batch["input_ids"][i, :n] = torch.as_tensor(list(row["input_ids"]))
+            batch["labels"][i, :n] = torch.as_tensor(list(row["labels"]))
+            batch["attention_mask"][i, :n] = 1
+        return batch
+
+
+class ShardedLoader:
+    """Deterministic, resumable, rank-sharded batches.
+
+    Epoch e visits the rows in a permutation seeded by (seed, e), or in order when
+    shuffle is off. Global batch k is `batch_size * world_size` consecutive entries of that
+    order; rank r takes entries [r * batch_size, (r + 1) * batch_size) of it, so ranks are
+    disjoint and together cover the global batch. Iterating never ends (epoch after epoch);
+    `state_dict()` records the next batch, so a loader given it continues exactly there.
+    With drop_last=False the last global batch of an epoch wraps around to the epoch's
+    first rows, so every rank still gets a full batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        collate: Callable[[list[Any]], Any],
+        drop_last: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.collate = collate
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.batch_index = 0
+        self.global_batch = batch_size * world_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"the training split has {len(dataset)} rows, fewer than one global batch "
+                f"(micro_batch_size {batch_size} x {world_size} processes); add data or "
+                "lower the batch size"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = len(self.dataset)
+        return n // self.global_batch if self.drop_last else math.ceil(n / self.global_batch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row indices of `epoch` in visiting order (the same on every rank)."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batch_index = int(state["batch_index"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            if self.batch_index >= self.batches_per_epoch:
+                self.epoch, self.batch_index = self.epoch + 1, 0
+            order = self.order(self.epoch)
+            start = self.batch_index * self.global_batch + self.rank * self.batch_size
+            positions = np.arange(start, start + self.batch_size) % len(order)
+            # Advance before yielding: a state_dict taken while the consumer holds this
+            # batch already points at the next one.
+            self.batch_index += 1
+            yield self.collate(self._rows(order[positions]))
+
+    def iter_epoch(self) -> Iterator[Any]:
+        """One pass in dataset order for evaluation: no shuffle, no drop_last, no wrap.
+
+        The last global batch may leave a rank with a short batch or none, so ranks may
+        see different batch counts; reduce metrics once after the loop, not per batch.
+        """
+        n = len(self.dataset)
+        for start in range(0, n, self.global_batch):
+            lo = start + self.rank * self.batch_size
+            hi = min(lo + self.batch_size, n)
+            if lo < hi:
+                yield self.collate(self._rows(np.arange(lo, hi)))
+
+    def _rows(self, indices: np.ndarray) -> list[Any]:
+        if isinstance(self.dataset, Dataset):
+            columns = self.dataset[indices.tolist()]
+            keys = list(columns)
+            rows = zip(*columns.values(), strict=True)
+            return [dict(zip(keys, values, strict=True)) for values in rows]
+        return [self.dataset[int(i)] for i in indices]

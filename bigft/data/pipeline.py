@@ -1,0 +1,289 @@
+"""From data config to tokenized, cleaned, split datasets, with statistics.
+
+Order: load (every train file) -> format + tokenize (`datasets.map`, cached) -> stop at the
+first invalid row -> deterministic split by ratios (splits with their own file are not
+taken from train) -> clean each split (empty, duplicate, over-long) -> statistics.
+Everything a user can get wrong in the data is found here, before any run directory,
+model or GPU is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, Features, List, Value, concatenate_datasets
+
+from bigft import __version__
+from bigft.config import DataConfig
+from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter, RowError
+from bigft.data.packing import bin_pack
+from bigft.data.sources import load_rows, row_location
+from bigft.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+DROP_REASONS = ("empty", "duplicate", "too_long")
+
+_FEATURES = Features(
+    {
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "error": Value("string"),
+        "length": Value("int32"),  # before truncation
+        "targets": Value("int32"),  # target tokens before truncation
+        "kept_targets": Value("int32"),  # target tokens after truncation
+        "digest": Value("string"),  # of ids + labels, for exact-duplicate detection
+    }
+)
+_BOOKKEEPING = ["length", "targets", "kept_targets", "digest"]
+
+
+@dataclass
+class SplitStats:
+    """What happened to the rows of one split."""
+
+    source: str
+    rows_loaded: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    truncated: int = 0
+    length_p50: int = 0
+    length_p90: int = 0
+    length_p99: int = 0
+    length_max: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+
+
+@dataclass
+class DataStats:
+    """Per-split statistics, plus the packing efficiency of the train split."""
+
+    seq_len: int
+    splits: dict[str, SplitStats]
+    packing_efficiency: float | None = None
+    packed_rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PreparedData:
+    """Tokenized, cleaned, unpacked splits: columns `input_ids` and `labels`, one example
+    per row. Packing (if any) happens later, per epoch plan, with `pack`."""
+
+    train: Dataset
+    validation: Dataset | None
+    test: Dataset | None
+    stats: DataStats
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> PreparedData:
+    """Load, tokenize, validate, split and clean the data described by `cfg`.
+
+    Splits with their own file (data.validation / data.test) take nothing from train:
+    their ratio stays with train, and only the others are split off, by `seed`.
+
+    Raises DataError (one line, naming file and line) for any problem in the data, and
+    when no training row survives cleaning.
+    """
+    spec = FormatSpec(
+        format=cfg.format,
+        text_field=cfg.text_field,
+        prompt_template=cfg.prompt_template,
+        chat_template=cfg.chat_template,
+        completion_only=cfg.completion_only,
+    )
+    formatter = Formatter(spec, tokenizer)
+    tokenize = _Tokenize(formatter, seq_len, cfg.overlong == "truncate", cfg.num_proc, cfg.cache)
+
+    pool = tokenize.files(cfg.train_files)
+    parts: dict[str, Dataset] = {}
+    sources = {"train": ", ".join(cfg.train_files)}
+    for name, path in (("validation", cfg.validation), ("test", cfg.test)):
+        if path:
+            parts[name] = tokenize.files([path])
+            sources[name] = path
+    ratios = {n: getattr(cfg.split, n) for n in ("validation", "test") if n not in parts}
+    for name, indices in split_indices(len(pool), ratios, seed).items():
+        if name == "train" or len(indices):
+            parts[name] = pool.select(indices)
+            sources.setdefault(name, f"{ratios.get(name, 0):.0%} of train")
+
+    # Clean in a fixed order sharing one set of digests: a row duplicated across splits is
+    # dropped from validation/test, never from train, so evaluation never sees train rows.
+    seen: set[str] = set()
+    cleaned: dict[str, Dataset | None] = {}
+    stats: dict[str, SplitStats] = {}
+    for name in SPLITS:
+        if name not in parts:
+            continue
+        cleaned[name], stats[name] = _clean(
+            parts[name], sources[name], seen, seq_len, cfg.overlong, cfg.drop_duplicates
+        )
+    train = cleaned["train"]
+    if train is None:
+        s = stats["train"]
+        raise DataError(
+            f"{sources['train']}: no training rows left ({s.rows_loaded} loaded; dropped "
+            + ", ".join(f"{k} {v}" for k, v in s.dropped.items())
+            + "); check data.format, data.overlong and train.seq_len"
+        )
+    data_stats = DataStats(seq_len=seq_len, splits=stats)
+    if cfg.packing:
+        lengths = _lengths(train)
+        bins = bin_pack(lengths, seq_len)
+        data_stats.packed_rows = len(bins)
+        data_stats.packing_efficiency = float(lengths.sum()) / (len(bins) * seq_len)
+    return PreparedData(train, cleaned.get("validation"), cleaned.get("test"), data_stats)
+
+
+def split_indices(n: int, ratios: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Deterministic split of range(n): `ratios` gives the held-out splits' fractions; the
+    rest is train. Indices are returned sorted (order is the loader's job)."""
+    counts = {name: round(n * r) for name, r in ratios.items()}
+    for name, r in ratios.items():
+        if r > 0 and counts[name] == 0 and n >= 2:
+            counts[name] = 1  # a requested split is never silently empty on small data
+    while sum(counts.values()) >= n and any(counts.values()):
+        largest = max(counts, key=lambda k: counts[k])
+        counts[largest] -= 1  # train keeps at least one row
+    perm = np.random.default_rng(seed).permutation(n)
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for name, count in counts.items():
+        out[name] = np.sort(perm[start : start + count])
+        start += count
+    out["train"] = np.sort(perm[start:])
+    return out
+
+
+class _Tokenize:
+    """Format + tokenize files with `datasets.map`, then fail on the first bad row."""
+
+    def __init__(
+        self, formatter: Formatter, seq_len: int, truncate: bool, num_proc: int, cache: bool
+    ) -> None:
+        self.fn_kwargs = {
+            "formatter": formatter,
+            "seq_len": seq_len,
+            "truncate": truncate,
+            # datasets fingerprints the Formatter's state but not its class's code: the
+            # version makes a bigft upgrade re-tokenize instead of reusing a stale cache.
+            "code_version": __version__,
+        }
+        self.num_proc = num_proc
+        self.cache = cache
+
+    def files(self, paths: list[str]) -> Dataset:
+        parts = [self.file(path) for path in paths]
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+    def file(self, path: str) -> Dataset:
+        raw = load_rows(path)
+        num_proc = min(self.num_proc, len(raw))
+        out = raw.map(
+            tokenize_batch,
+            batched=True,
+            fn_kwargs=self.fn_kwargs,
+            remove_columns=raw.column_names,
+            features=_FEATURES,
+            num_proc=num_proc if num_proc > 1 else None,
+            load_from_cache_file=self.cache,
+            # Without the cache, nothing is written next to it either.
+            keep_in_memory=not self.cache,
+            desc=f"tokenizing {path}",
+        )
+        errors = out.with_format("arrow")["error"]
+        first = pc.index(pc.not_equal(errors, ""), True).as_py()
+        if first >= 0:
+            raise DataError(f"{row_location(path, first)}: {errors[first].as_py()}")
+        return out.remove_columns("error")
+
+
+def tokenize_batch(
+    batch: dict[str, list[Any]],
+    formatter: Formatter,
+    seq_len: int,
+    truncate: bool,
+    code_version: str = "",
+) -> dict[str, list[Any]]:
+    """`datasets.map` function. Bad rows come back as an `error` string rather than an
+    exception, so the pipeline can name the first one by file and line."""
+    out: dict[str, list[Any]] = {name: [] for name in _FEATURES}
+    size = len(next(iter(batch.values()))) if batch else 0
+    for i in range(size):
+        row = {key: values[i] for key, values in batch.items()}
+        try:
+            ids, labels = formatter(row)
+            error = ""
+        except RowError as exc:
+            ids, labels, error = [], [], str(exc)
+        length = len(ids)
+        targets = sum(1 for label in labels if label != IGNORE_INDEX)
+        if truncate and length > seq_len:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        digest = hashlib.blake2b(
+            np.asarray(ids, dtype=np.int32).tobytes() + np.asarray(labels, np.int32).tobytes(),
+            digest_size=16,
+        ).hexdigest()
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["error"].append(error)
+        out["length"].append(length)
+        out["targets"].append(targets)
+        out["kept_targets"].append(sum(1 for label in labels if label != IGNORE_INDEX))
+        out["digest"].append(digest)
+    return out
+
+
+def _clean(
+    ds: Dataset,
+    source: str,
+    seen: set[str],
+    seq_len: int,
+    overlong: str,
+    drop_duplicates: bool,
+) -> tuple[Dataset | None, SplitStats]:
+    """Drop empty, duplicate and over-long rows; count what was dropped and truncated."""
+    stats = SplitStats(source=source, rows_loaded=len(ds))
+    cols = ds.select_columns(_BOOKKEEPING).with_format("numpy")[:]
+    keep: list[int] = []
+    for i, (length, targets, kept_targets, digest) in enumerate(
+        zip(cols["length"], cols["targets"], cols["kept_targets"], cols["digest"], strict=True)
+    ):
+        if targets == 0:
+            reason = "empty"
+        elif drop_duplicates and digest in seen:
+            reason = "duplicate"
+        elif length > seq_len and (overlong == "drop" or kept_targets == 0):
+            # Truncation that cuts away every target (a prompt longer than seq_len) is as
+            # useless as a dropped row.
+            reason = "too_long"
+        else:
+            keep.append(i)
+            seen.add(digest)
+            stats.truncated += int(length > seq_len)
+            continue
+        stats.dropped[reason] += 1
+    stats.rows_kept = len(keep)
+    if not keep:
+        return None, stats
+    kept = np.asarray(keep)
+    lengths = np.minimum(cols["length"][kept], seq_len)
+    stats.length_p50, stats.length_p90, stats.length_p99 = (
+        int(np.percentile(lengths, q, method="nearest")) for q in (50, 90, 99)
+    )
+    stats.length_max = int(lengths.max())
+    stats.tokens = int(lengths.sum())
+    stats.target_tokens = int(cols["kept_targets"][kept].sum())
+    return ds.select(keep).remove_columns(_BOOKKEEPING), stats
+
+
+def _lengths(ds: Dataset) -> np.ndarray:
+    column = ds.with_format("arrow")["input_ids"]
+    return pc.list_value_length(column).to_numpy().astype(np.int64)

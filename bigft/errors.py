@@ -1,0 +1,36 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class BigftError(Exception):
+    """A mistake the user can fix (config, data, paths, missing package).
+
+    The message names the file, line or key and says what to do; the CLI prints it
+    without a traceback.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(BigftError):
+    """The YAML or an override is invalid."""
+
+
+class DataError(BigftError):
+    """A data file is missing, malformed, or yields no usable rows."""
+
+
+class ModelError(BigftError):
+    """The model or tokenizer cannot be loaded as configured."""
+
+
+def require(package: str, extra: str, purpose: str) -> None:
+    """Fail clearly when an optional package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise BigftError(
+            f"{purpose} needs the optional package '{package}': "
+            f"pip install 'bigft[{extra}]' (or pip install {package})"
+        )

@@ -1,0 +1,112 @@
+"""Evaluation: token-level loss / perplexity, and exact match by generation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over target tokens, number of target tokens).
+
+    Labels are aligned with input_ids (-100 = not a target); the shift happens here.
+    Packed rows carry position_ids and no attention mask; use_cache=False keeps
+    transformers' per-sequence isolation active.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, (targets != -100).sum()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: Any, batches: Iterable[dict[str, torch.Tensor]], accelerator: Accelerator
+) -> dict[str, float]:
+    """Mean loss per target token over all processes, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss, tokens = token_loss_sum(model, batch)
+        total += torch.stack([loss.double(), tokens.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    loss_sum, tokens = total.tolist()
+    mean = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(tokens)}
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[str]:
+    """Greedy completions for token-id prompts (left-padded batches)."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, prompt in enumerate(chunk):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return outputs
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares answers with surrounding whitespace removed."""
+    return " ".join(text.split())
+
+
+def exact_match(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[tuple[Sequence[int], str]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Share of (prompt ids, reference) examples whose greedy answer equals the reference."""
+    prompts = [p for p, _ in examples]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    hits = [
+        normalize_answer(pred) == normalize_answer(ref)
+        for pred, (_, ref) in zip(predictions, examples, strict=True)
+    ]
+    samples = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r, "prediction": y}
+        for (p, r), y in zip(examples, predictions, strict=True)
+    ]
+    return {"exact_match": sum(hits) / max(len(hits), 1), "samples": samples}

@@ -1,0 +1,60 @@
+"""Small builders shared by tests: data rows and configs around the tiny base model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def alpaca_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Uppercase/reverse instructions over random words: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7)))
+        if rng.random() < 0.5:
+            rows.append({"instruction": "Uppercase.", "input": word, "output": word.upper()})
+        else:
+            rows.append({"instruction": "Reverse.", "input": word, "output": word[::-1]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_config(path: Path, model_dir: Path, train_file: Path, **sections: Any) -> Path:
+    """A small alpaca run config; keyword sections are merged over the defaults."""
+    config: dict[str, Any] = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {
+            "format": "alpaca",
+            "train": str(train_file),
+            "prompt_template": "{instruction}\n{input}\n",
+            "split": {"train": 0.8, "validation": 0.2},
+        },
+        "train": {
+            "seq_len": 64,
+            "micro_batch_size": 2,
+            "steps": 10,
+            "precision": "fp32",
+            "seed": 0,
+        },
+        "optim": {"lr": 3.0e-3},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "logging": {"progress_bar": False},
+        "output_dir": str(path.parent / "out"),
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(name), dict):
+            config[name].update(values)
+        else:
+            config[name] = values
+    path.write_text(yaml.safe_dump(config))
+    return path
