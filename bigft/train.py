@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bigft import checkpoint as ckpt
+from bigft import preemption
 from bigft.config import Config, dump_config
 from bigft.data import (
     Collator,
@@ -258,12 +259,24 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 ckpt.save_checkpoint(
                     acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
                 )
-            if stop_after is not None and run.step >= stop_after:
+            reason = _stop_reason(run, stop_after)
+            if reason is not None:
                 ckpt.save_checkpoint(
                     acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
                 )
-                return {"steps": run.step, "stopped": True, "output_dir": str(run.output_dir)}
+                _print(run, f"stopped at step {run.step} ({reason}); checkpoint written")
+                return {"steps": run.step, "stopped": reason, "output_dir": str(run.output_dir)}
     return _finish(run)
+
+
+def _stop_reason(run: Run, stop_after: int | None) -> str | None:
+    """A signal on any process stops every process at the same step."""
+    if stop_after is not None and run.step >= stop_after:
+        return "stop_after"
+    flag = torch.tensor([preemption.requested() is not None], device=run.accelerator.device)
+    if run.accelerator.reduce(flag.int(), reduction="sum").item() == 0:
+        return None
+    return preemption.requested() or "signal on another process"
 
 
 def _epoch(loader: ShardedLoader) -> float:
@@ -350,7 +363,12 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
 
 def _finish(run: Run) -> dict[str, Any]:
     cfg = run.cfg
-    summary: dict[str, Any] = {"steps": run.step, "output_dir": str(run.output_dir)}
+    summary: dict[str, Any] = {
+        "steps": run.step,
+        "world_size": run.accelerator.num_processes,
+        "global_batch_size": run.layout.global_batch_size,
+        "output_dir": str(run.output_dir),
+    }
     evaluated_now = bool(cfg.eval.every_steps) and run.step % cfg.eval.every_steps == 0
     if run.data.validation is not None:
         summary["validation"] = run.last_eval if evaluated_now and run.last_eval else _evaluate(run)
@@ -376,6 +394,7 @@ def _finish(run: Run) -> dict[str, Any]:
 
 def run_training(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     """`bigft train`: set up, train, evaluate, export."""
+    preemption.install()
     run = setup(cfg, console)
     try:
         return train(run)
