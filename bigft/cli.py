@@ -18,6 +18,8 @@ from rich.console import Console
 
 from bigft import __version__
 from bigft.errors import BigftError
+from bigft.plan.cli import plan as _plan  # imports no torch: --simulate does, when run
+from bigft.slurm_cli import slurm_app
 
 app = typer.Typer(
     help="bigft: plan, fine-tune, evaluate and export large language models.",
@@ -29,6 +31,7 @@ data_app = typer.Typer(help="Inspect what the data pipeline makes of a config's 
 config_app = typer.Typer(help="Show and check configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(slurm_app, name="slurm")
 
 console = Console(stderr=True)
 out = Console()
@@ -98,6 +101,9 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
     summary = run_training(cfg, console)
     if "final_model" in summary:
         console.print(f"[green]done[/]: model exported to {summary['final_model']}")
+    from bigft.slurm import after_stop
+
+    after_stop(summary, console)  # under Slurm: requeue after a USR1 stop
 
 
 @data_app.command("preview")
@@ -141,6 +147,9 @@ def demo(
     from bigft.demo import run_demo
 
     run_demo(output_dir, overrides or [], console)
+
+
+app.command("plan")(user_errors(_plan))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ converted to the declared type. This module must not import torch (`bigft --help
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,6 +250,126 @@ class LoggingConfig(Section):
     progress_bar: bool = Field(True, description="Rich progress bar on the main process.")
 
 
+_SLURM_TIME = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|INFINITE|UNLIMITED)$"
+
+
+class SlurmConfig(Section):
+    """`bigft slurm render|submit|sweep`: the sbatch request and how each node launches.
+
+    Every string is passed to sbatch or the shell quoted; none may contain a line break.
+    """
+
+    job_name: str | None = Field(None, description="Job name; default: output_dir's name.")
+    partition: str | None = Field(None, description="--partition; default: the cluster's.")
+    account: str | None = Field(None, description="--account to charge.")
+    qos: str | None = Field(None, description="--qos.")
+    time: str | None = Field(
+        None,
+        description="--time limit, e.g. '2-00:00:00' or '04:00:00' (quote it in YAML: "
+        "unquoted 1:00:00 reads as a number). Default: the partition's limit.",
+    )
+    nodes: int = Field(1, ge=1, description="Nodes; one launcher task runs on each.")
+    gpus_per_node: int = Field(
+        0, ge=0, description="--gpus-per-node; 0 requests none (CPU, or whole-node clusters)."
+    )
+    processes_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes per node; default: the GPUs Slurm gives the node "
+        "(SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES, else nvidia-smi, else 1).",
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="--cpus-per-task for the one task per node (all its ranks)."
+    )
+    mem: str | None = Field(None, description="--mem per node, e.g. '480G'; '0' = all.")
+    constraint: str | None = Field(None, description="--constraint, e.g. 'h100'.")
+    exclusive: bool = Field(False, description="--exclusive: do not share nodes.")
+    signal_seconds: int = Field(
+        300,
+        ge=0,
+        le=65535,
+        description="Send USR1 this many seconds before the time limit, so the run "
+        "checkpoints and requeues itself; 0 disables.",
+    )
+    requeue: bool = Field(
+        True, description="--requeue, and requeue the job after a USR1 stop (auto-resume)."
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Refuse to start (or requeue) once SLURM_RESTART_COUNT exceeds it."
+    )
+    launcher: Literal["torchrun", "accelerate"] = Field(
+        "torchrun", description="Per-node launcher: torchrun (c10d rendezvous) or accelerate."
+    )
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file (DeepSpeed/FSDP) for launcher: accelerate."
+    )
+    master_port: int | None = Field(
+        None, ge=1024, le=65535, description="Rendezvous port; default 20000 + job id % 20000."
+    )
+    rdzv_timeout_s: int = Field(
+        900, gt=0, description="How long nodes wait for each other at start (join_timeout)."
+    )
+    nccl_socket_ifname: str | None = Field(
+        None, description="NCCL_SOCKET_IFNAME (and GLOO_SOCKET_IFNAME), e.g. 'ib0' or '^lo'."
+    )
+    nccl_ib_disable: bool | None = Field(
+        None, description="NCCL_IB_DISABLE: true forces TCP sockets (no InfiniBand)."
+    )
+    nccl_debug: str | None = Field(None, description="NCCL_DEBUG, e.g. WARN or INFO.")
+    nccl_heartbeat_timeout_s: int | None = Field(
+        None, gt=0, description="TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC: kill a hung collective."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables exported to the job."
+    )
+    setup_script: str | None = Field(
+        None, description="Shell file sourced before launching (module load, venv, ...)."
+    )
+    python: str | None = Field(
+        None, description="Python that runs bigft on the nodes; default: the one rendering."
+    )
+    sbatch_extra: list[str] = Field(
+        default_factory=list,
+        description="Extra sbatch options, one per item, e.g. '--mail-type=END'.",
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        items = value.items() if isinstance(value, dict) else [value]
+        for item in items:
+            for text in item if isinstance(item, tuple | list) else [item]:
+                if isinstance(text, str) and any(c in text for c in "\n\r\0"):
+                    raise ValueError("must be a single line (no line breaks)")
+        return value
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_format(cls, value: Any) -> Any:
+        if isinstance(value, int | float):
+            raise ValueError("write the time limit as a quoted string, e.g. '04:00:00'")
+        if value is not None and not re.match(_SLURM_TIME, str(value)):
+            raise ValueError("not a Slurm time: use MM, HH:MM:SS, D-HH or D-HH:MM:SS")
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_names(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        # YAML reads `OMP_NUM_THREADS: 8` as a number; the environment holds strings.
+        scalar = (bool, int, float)
+        return {
+            str(k): (str(v).lower() if isinstance(v, bool) else str(v))
+            if isinstance(v, scalar)
+            else v
+            for k, v in value.items()
+        }
+
+
 class Config(Section):
     """A bigft run. Sections mirror the data flow: model, data, method, optim, schedule,
     train, eval, checkpoint, logging."""
@@ -264,6 +385,9 @@ class Config(Section):
         default_factory=CheckpointConfig, description="Checkpoints and export."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    slurm: SlurmConfig = Field(
+        default_factory=SlurmConfig, description="Slurm job: resources, launch, requeue."
+    )
     output_dir: str = Field(
         description="Run directory: resolved config, metrics, checkpoints, final model. "
         "Relative paths resolve against the current directory."

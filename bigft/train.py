@@ -35,6 +35,7 @@ from bigft.data import (
 from bigft.distributed import BatchLayout, batch_layout, build_accelerator
 from bigft.errors import BigftError
 from bigft.evaluate import evaluate_loss, exact_match, token_loss_sum
+from bigft.methods import apply_method
 from bigft.model import count_parameters, load_model, load_tokenizer
 from bigft.optim import build_optimizer, build_scheduler
 from bigft.tracking import MetricsLog
@@ -93,7 +94,7 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)
     )
 
-    model = load_model(cfg.model, cfg.train.precision)
+    model = apply_method(load_model(cfg.model, cfg.train.precision), cfg)
     output_dir = _prepare_output_dir(cfg, accelerator)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)

@@ -1,0 +1,121 @@
+"""`bigft plan`: per-GPU memory, micro-batch and layouts, before any GPU time is spent.
+
+A typer command function; bigft/cli.py registers it. Nothing heavy is imported at module
+level (bigft --help stays free of torch); --simulate imports torch when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from bigft.errors import BigftError
+
+
+def plan(
+    config: Path | None = typer.Argument(
+        None, help="YAML config file (optional with --model).", show_default=False
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. train.seq_len=4096.", show_default=False
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Shipped architecture (e.g. llama-3.1-8b) or a model directory."
+    ),
+    method: str | None = typer.Option(None, help="full | freeze | lora | dora | qlora."),
+    strategy: str | None = typer.Option(
+        None, help="ddp | zero1 | zero2 | zero3 | zero3-offload | fsdp2."
+    ),
+    gpu: str | None = typer.Option(None, help="GPU model, e.g. rtx4090, a100-80, h100."),
+    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GPU memory in GiB."),
+    gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="GPUs per node."),
+    nodes: int | None = typer.Option(None, help="Nodes."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per row."),
+    micro_batch: int | None = typer.Option(
+        None, "--micro-batch", help="Evaluate this micro-batch instead of choosing one."
+    ),
+    global_batch: int | None = typer.Option(
+        None, "--global-batch", help="Rows per optimizer step over all GPUs."
+    ),
+    grad_ckpt: bool | None = typer.Option(
+        None, "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing."
+    ),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank."),
+    optimizer: str | None = typer.Option(
+        None, help="adamw | adamw8bit | paged_adamw8bit | adafactor | sgd."
+    ),
+    margin: float = typer.Option(0.05, help="Fraction of GPU memory kept free."),
+    cpu_mem: float = typer.Option(512.0, "--cpu-mem", help="CPU memory per node (GiB)."),
+    simulate: bool = typer.Option(
+        False, "--simulate", help="Also run one step under FakeTensorMode and measure it."
+    ),
+    full_depth: bool = typer.Option(
+        False, "--full-depth", help="With --simulate: every layer, no extrapolation."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Per-GPU memory by component, the micro-batch that fits, and the layouts ranked."""
+    from rich.console import Console
+
+    from bigft.plan.hardware import custom_gpu, get_gpu
+    from bigft.plan.planner import make_plan, workload_from_config
+    from bigft.plan.render import plan_json, print_plan
+
+    cfg = None
+    extra = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        extra.insert(0, str(config))  # `bigft plan --model X train.seq_len=4096`
+        config = None
+    if config is not None:
+        from bigft.config import load_config
+
+        cfg = load_config(config, extra)
+    elif extra:
+        raise BigftError("key=value overrides need a CONFIG; use the flags with --model")
+    if gpu is not None and gpu_mem is not None:
+        raise BigftError("pass --gpu or --gpu-mem, not both")
+    card = custom_gpu(gpu_mem) if gpu_mem is not None else get_gpu(gpu or "h100-80")
+    work = workload_from_config(
+        cfg,
+        model=model,
+        method=method,
+        strategy=strategy,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        grad_ckpt=grad_ckpt,
+        lora_rank=lora_rank,
+        optimizer=optimizer,
+    )
+    train = getattr(cfg, "train", None)
+    given = micro_batch is not None or isinstance(getattr(train, "micro_batch_size", None), int)
+    report = make_plan(
+        work,
+        card,
+        margin=margin,
+        global_batch=global_batch or getattr(train, "global_batch_size", None),
+        micro_given=given,
+        grad_accum=getattr(train, "grad_accum", None),
+        cpu_mem_gib=cpu_mem,
+    )
+    if gpu is None and gpu_mem is None:
+        report.notes.append("no --gpu given: planned for h100-80")
+    if simulate:
+        import warnings
+
+        from bigft.plan.simulate import simulate as run_simulation
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report.simulated = run_simulation(report.work, full_depth=full_depth)
+    if json_out:
+        typer.echo(json.dumps(plan_json(report), indent=2))
+        if not report.fits:
+            raise typer.Exit(2)
+        return
+    print_plan(report, Console())
+    if report.message:
+        raise BigftError(report.message)

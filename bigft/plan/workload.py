@@ -1,0 +1,168 @@
+"""What is being planned: one training step of one model, method, layout and batch.
+
+`Workload` is the single input of both estimators (analytic and simulated). The rules that
+turn user choices into dtypes live here, once, so both estimators agree on them:
+
+- full / freeze with `model.dtype: auto` keep fp32 master weights; with DDP (or one GPU)
+  the step runs under bf16 autocast, so the residual stream stays fp32 and every linear
+  casts its input. DeepSpeed ZeRO and FSDP2 compute on bf16 copies of the weights
+  (fp32 master weights live in the optimizer / the sharded parameters).
+- lora / dora keep a bf16 base and fp32 adapters (peft's default upcast); qlora stores the
+  base linears in NF4 with double quantization, the rest in bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bigft.errors import ConfigError
+from bigft.plan.arch import LINEARS, ArchSpec
+
+METHODS = ("full", "freeze", "lora", "dora", "qlora")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "sgd")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Layouts bigft cannot run, with the reason shown to the user.
+UNSUPPORTED = {
+    ("qlora", "zero3-offload"): "ZeRO-3 parameter offload cannot move bitsandbytes 4-bit "
+    "weights to the CPU",
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step on one GPU of a layout: everything that decides its memory."""
+
+    arch: ArchSpec
+    method: str = "full"
+    strategy: str = "ddp"
+    gpus_per_node: int = 1
+    nodes: int = 1
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_ckpt: bool = False
+    precision: str = "bf16"  # compute precision: bf16 / fp16 autocast, or fp32
+    weight_dtype: str = "auto"  # model.dtype; auto follows the rules in the module docstring
+    optimizer: str = "adamw"
+    lora_rank: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LINEARS
+    trainable_layers: int | None = None  # freeze: top layers that train (default: a quarter)
+    attn: str = "sdpa"
+    device: str = "cuda"  # "cpu" for CPU runs (the validation measures there)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "method": (self.method, METHODS),
+            "strategy": (self.strategy, STRATEGIES),
+            "optimizer": (self.optimizer, OPTIMIZERS),
+            "attention": (self.attn, ATTENTION),
+            "precision": (self.precision, tuple(DTYPE_BYTES)),
+        }
+        for what, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ConfigError(f"unknown {what} '{value}'; choose one of {', '.join(allowed)}")
+        for what, value in (("seq_len", self.seq_len), ("micro_batch", self.micro_batch)):
+            if value < 1:
+                raise ConfigError(f"{what} must be >= 1 (got {value})")
+        if self.gpus_per_node < 1 or self.nodes < 1:
+            raise ConfigError("--gpus-per-node and --nodes must be >= 1")
+        bad = [t for t in self.lora_targets if t not in LINEARS]
+        if bad and self.adapters:
+            raise ConfigError(f"LoRA target(s) {bad} unknown; valid: {', '.join(LINEARS)}")
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def adapters(self) -> bool:
+        return self.method in ("lora", "dora", "qlora")
+
+    @property
+    def zero_stage(self) -> int:
+        """0 for DDP, 1-3 for DeepSpeed ZeRO, 3 for FSDP2 (it shards like ZeRO-3)."""
+        if self.strategy.startswith("zero"):
+            return int(self.strategy[4])
+        return 3 if self.strategy == "fsdp2" else 0
+
+    @property
+    def sharded_engine(self) -> bool:
+        """DeepSpeed and FSDP2 compute on bf16 weight copies instead of autocasting."""
+        return self.strategy != "ddp"
+
+    def with_(self, **changes: Any) -> Workload:
+        return replace(self, **changes)
+
+    # ---- dtypes -------------------------------------------------------------------------
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.precision]
+
+    @property
+    def base_weight_bytes(self) -> float:
+        """Bytes per stored weight of the (possibly frozen) base model on the GPU."""
+        if self.weight_dtype != "auto":
+            return DTYPE_BYTES[self.weight_dtype]
+        if self.method in ("lora", "dora", "qlora"):
+            return 2.0
+        if self.sharded_engine and self.precision != "fp32":
+            return 2.0  # the bf16 copy the engine computes with; the fp32 master is optimizer state
+        return 4.0
+
+    @property
+    def autocast(self) -> bool:
+        """Accelerate wraps forward in autocast for mixed precision, except under DeepSpeed,
+        whose bf16 engine runs the module itself in bf16."""
+        return self.compute_bytes == 2 and not self.strategy.startswith("zero")
+
+    @property
+    def adapter_bytes(self) -> int:
+        """LoRA weights: fp32 (peft upcasts them), bf16 inside a DeepSpeed bf16 engine."""
+        return 2 if self.strategy.startswith("zero") and self.compute_bytes == 2 else 4
+
+    @property
+    def residual_bytes(self) -> int:
+        return 4 if self.base_weight_bytes == 4 else self.compute_bytes
+
+    # ---- parameter counts ---------------------------------------------------------------
+    @property
+    def n_trainable_layers(self) -> int:
+        if self.method != "freeze":
+            return self.arch.layers
+        k = self.trainable_layers or max(1, -(-self.arch.layers // 4))
+        return min(k, self.arch.layers)
+
+    def adapter_params_per_layer(self) -> int:
+        shapes = self.arch.linear_shapes()
+        count = sum(self.lora_rank * (shapes[t][0] + shapes[t][1]) for t in self.lora_targets)
+        if self.method == "dora":
+            count += sum(shapes[t][1] for t in self.lora_targets)  # magnitude vectors
+        return count
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters that get gradients and optimizer states."""
+        a = self.arch
+        if self.adapters:
+            return a.layers * self.adapter_params_per_layer()
+        if self.method == "freeze":
+            head = a.head_params if not a.tie_embeddings else a.embed_params
+            return self.n_trainable_layers * a.layer_params + a.hidden + head
+        return a.n_params
+
+    def base_param_bytes(self) -> float:
+        """Stored bytes of the base model on one GPU before any sharding."""
+        a = self.arch
+        if self.method != "qlora":
+            return a.n_params * self.base_weight_bytes
+        quantized = a.layers * a.layer_linear_params
+        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * 2.0
+
+
+# NF4 with double quantization (QLoRA paper, section 3): 4 bits per weight, an 8-bit
+# absmax per 64 weights, and an fp32 second-level constant per 256 absmax blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)

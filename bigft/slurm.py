@@ -1,0 +1,390 @@
+"""Slurm: render an sbatch script from the config, submit it, follow it, sweep, requeue.
+
+A job is prepared in `<output_dir>/slurm/`: the resolved config it trains (frozen, so
+editing the YAML later changes nothing in a queued job), a copy of the per-node entry
+script `launch/slurm_node.sh`, the rendered `job.sbatch` (template: `slurm/job.sbatch.j2`),
+`job.json` (job ids) and the job's log. A sweep adds `configs/task-NNN.yaml` and
+`sweep.json`, and trains task i into `<output_dir>/task-NNN/`.
+
+This module must not import torch: `bigft --help` imports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bigft import __version__
+from bigft.config import Config, SlurmConfig, dump_config, load_config, parse_override
+from bigft.errors import BigftError, ConfigError
+from bigft.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "slurm"
+NODE_SCRIPT = ROOT / "launch" / "slurm_node.sh"
+TEMPLATE = "job.sbatch.j2"
+# The signal asked for with --signal; a stop caused by it means "requeue me".
+REQUEUE_SIGNAL = "SIGUSR1"
+
+
+def sbatch_quote(value: object) -> str:
+    """One #SBATCH argument: double-quoted, with backslash and quote escaped.
+
+    sbatch reads #SBATCH lines itself (no shell): it honours "..." and backslash escapes,
+    so this is enough for spaces, quotes, `$()`, backticks and `;`. Line breaks would
+    start a new line of shell script; config validation rejects them, and so does this.
+    """
+    text = str(value)
+    if any(c in text for c in "\n\r\0"):
+        raise ConfigError(f"sbatch value {text!r} contains a line break")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _slurm_filename(path: Path) -> str:
+    """A path for --output: '%' is Slurm's pattern character, so a literal one is '%%'."""
+    return str(path).replace("%", "%%")
+
+
+def time_seconds(limit: str) -> int | None:
+    """Seconds in a Slurm time limit ('MM', 'HH:MM:SS', 'D-HH:MM' ...); None if unlimited."""
+    if limit.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:  # minutes
+        return parts[0] * 60
+    if len(parts) == 2:  # minutes:seconds
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def job_env(s: SlurmConfig, config_dir: Path) -> list[tuple[str, str]]:
+    """Environment exported by the batch script: NCCL knobs, slurm.env, launch settings."""
+    env: list[tuple[str, str]] = []
+    if s.nccl_socket_ifname:
+        env += [("NCCL_SOCKET_IFNAME", s.nccl_socket_ifname)]
+        env += [("GLOO_SOCKET_IFNAME", s.nccl_socket_ifname)]
+    if s.nccl_ib_disable is not None:
+        env.append(("NCCL_IB_DISABLE", "1" if s.nccl_ib_disable else "0"))
+    if s.nccl_debug:
+        env.append(("NCCL_DEBUG", s.nccl_debug))
+    if s.nccl_heartbeat_timeout_s:
+        env.append(("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(s.nccl_heartbeat_timeout_s)))
+    env += sorted(s.env.items())
+    env += [
+        ("BIGFT_PYTHON", s.python or sys.executable),
+        ("BIGFT_LAUNCHER", s.launcher),
+        ("BIGFT_RDZV_TIMEOUT", str(s.rdzv_timeout_s)),
+        ("BIGFT_REQUEUE", "1" if s.requeue else "0"),
+        ("BIGFT_MAX_RESTARTS", str(s.max_restarts)),
+    ]
+    if s.processes_per_node:
+        env.append(("BIGFT_NPROC_PER_NODE", str(s.processes_per_node)))
+    if s.master_port:
+        env.append(("BIGFT_MASTER_PORT", str(s.master_port)))
+    if s.accelerate_config:
+        path = Path(s.accelerate_config)
+        resolved = path if path.is_absolute() else config_dir / path
+        env.append(("BIGFT_ACCELERATE_CONFIG", str(resolved if resolved.exists() else path)))
+    return env
+
+
+def render_script(
+    cfg: Config,
+    *,
+    source: str,
+    config: str,
+    node_script: str,
+    log_path: str,
+    config_dir: Path | None = None,
+    array: str | None = None,
+    configs_dir: str | None = None,
+) -> str:
+    """The sbatch script text for `cfg` (pure: reads the template, writes nothing)."""
+    import jinja2
+
+    s = cfg.slurm
+    if s.time and s.signal_seconds:
+        limit = time_seconds(s.time)
+        if limit is not None and s.signal_seconds >= limit:
+            raise ConfigError(
+                f"slurm.signal_seconds ({s.signal_seconds}) must be shorter than slurm.time "
+                f"({s.time} = {limit} s)"
+            )
+    if not (TEMPLATES / TEMPLATE).is_file():
+        raise BigftError(f"Slurm template not found: {TEMPLATES / TEMPLATE}")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    env.filters["sbatch"] = sbatch_quote
+    values = {
+        **s.model_dump(),
+        "version": __version__,
+        "source": source,
+        "job_name": s.job_name or Path(cfg.output_dir).name or "bigft",
+        "env": job_env(s, config_dir or Path.cwd()),
+        "config": config,
+        "node_script": node_script,
+        "log_path": log_path,
+        "array": array,
+        "configs_dir": configs_dir,
+    }
+    return env.get_template(TEMPLATE).render(**values)
+
+
+# ---------------------------------------------------------------------------------------
+# Preparing, checking and submitting jobs.
+
+
+def load_job_config(
+    config: Path, overrides: list[str], flags: dict[str, Any] | None = None
+) -> Config:
+    """Load a config with absolute paths (the job runs elsewhere) and apply slurm flags."""
+    cfg = load_config(config.resolve(), overrides)
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        try:
+            setattr(cfg.slurm, name, value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"--{name.replace('_', '-')}: {msg} (got {value!r})") from None
+    return cfg
+
+
+def _write_job_files(job_dir: Path, files: dict[str, str]) -> None:
+    """Write the job's files (after everything rendered and validated) and the node script."""
+    if not NODE_SCRIPT.is_file():
+        raise BigftError(f"per-node entry script not found: {NODE_SCRIPT}")
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(NODE_SCRIPT, job_dir / "node.sh")
+        for name, text in files.items():
+            (job_dir / name).parent.mkdir(exist_ok=True)
+            (job_dir / name).write_text(text)
+    except OSError as exc:
+        raise BigftError(f"cannot write the job files in {job_dir} ({exc.strerror})") from None
+
+
+def prepare_job(cfg: Config, source: Path) -> Path:
+    """Render `job.sbatch`, then write it with the frozen config and node script into
+    `<output_dir>/slurm/`; returns the script's path."""
+    job_dir = Path(cfg.output_dir) / "slurm"
+    text = render_script(
+        cfg,
+        source=str(source),
+        config=str(job_dir / "config.yaml"),
+        node_script=str(job_dir / "node.sh"),
+        log_path=_slurm_filename(job_dir) + "/job-%j.out",
+        config_dir=source.resolve().parent,
+    )
+    _write_job_files(job_dir, {"config.yaml": dump_config(cfg), "job.sbatch": text})
+    return job_dir / "job.sbatch"
+
+
+def _slurm(*argv: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise BigftError(f"'{argv[0]}' not found: run this on a Slurm login node") from None
+
+
+def check_script(script: Path) -> str:
+    """Ask the cluster whether it could run the script (`sbatch --test-only`)."""
+    done = _slurm("sbatch", "--test-only", str(script))
+    message = (done.stderr or done.stdout).strip()
+    if done.returncode != 0:
+        reason = message.removeprefix("sbatch: error: ")
+        raise BigftError(f"the cluster rejects {script}: {reason}")
+    return message.removeprefix("sbatch: ")
+
+
+def submit_script(script: Path, job_dir: Path, array_size: int | None = None) -> str:
+    """`sbatch --parsable`; the job id is appended to `job.json` beside the script."""
+    done = _slurm("sbatch", "--parsable", str(script))
+    if done.returncode != 0:
+        reason = done.stderr.strip().removeprefix("sbatch: error: ")
+        raise BigftError(f"sbatch failed for {script}: {reason}")
+    job_id = done.stdout.strip().split(";")[0]
+    record_path = job_dir / "job.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"jobs": []}
+    record["jobs"].append(
+        {"job_id": job_id, "script": str(script), "array_size": array_size, "time": time.time()}
+    )
+    record_path.write_text(json.dumps(record, indent=2))
+    return job_id
+
+
+def last_job(run_dir: Path) -> dict[str, Any]:
+    """The last submission recorded in `<run_dir>/slurm/job.json`."""
+    path = run_dir / "slurm" / "job.json"
+    if not path.is_file():
+        raise BigftError(f"{run_dir}: no Slurm job was submitted from here ({path} missing)")
+    return dict(json.loads(path.read_text())["jobs"][-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeps: one job array, one resolved config and run directory per grid point.
+
+
+def expand_grid(grids: list[str]) -> list[list[str]]:
+    """['optim.lr=1e-4,2e-4', 'train.seed=1,2'] -> the 4 override lists of the product."""
+    axes = []
+    for item in grids:
+        parse_override(item)  # validates the key=value shape
+        key, _, values = item.partition("=")
+        choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not choices:
+            raise ConfigError(f"--grid {item}: no values (expected key=v1,v2,...)")
+        axes.append([f"{key}={v}" for v in choices])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def prepare_sweep(
+    config: Path,
+    overrides: list[str],
+    grids: list[str],
+    flags: dict[str, Any],
+    max_parallel: int | None = None,
+) -> tuple[Path, int]:
+    """Validate every grid point's config, write them, render one array script."""
+    base = load_job_config(config, overrides, flags)
+    job_dir = Path(base.output_dir) / "slurm"
+    files, tasks = {}, []
+    for i, point in enumerate(expand_grid(grids)):
+        out = Path(base.output_dir) / f"task-{i:03d}"
+        cfg = load_job_config(config, [*overrides, *point, f"output_dir={out}"], flags)
+        name = f"configs/task-{i:03d}.yaml"
+        files[name] = dump_config(cfg)
+        tasks.append({"task": i, "overrides": point, "output_dir": str(out), "config": name})
+    files["sweep.json"] = json.dumps({"grid": grids, "tasks": tasks}, indent=2)
+    files["job.sbatch"] = render_script(
+        base,
+        source=str(config),
+        config="",
+        node_script=str(job_dir / "node.sh"),
+        log_path=_slurm_filename(job_dir) + "/job-%A_%a.out",
+        config_dir=config.resolve().parent,
+        array=f"0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else ""),
+        configs_dir=str(job_dir / "configs"),
+    )
+    _write_job_files(job_dir, files)
+    return job_dir / "job.sbatch", len(tasks)
+
+
+# ---------------------------------------------------------------------------------------
+# Following jobs: squeue while queued or running, then sacct (with accounting) or scontrol.
+
+
+def parse_scontrol(line: str) -> dict[str, str]:
+    """`scontrol -o show job` record -> {field: value} (values with spaces are cut short)."""
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def query_states(job_id: str) -> dict[str, dict[str, str]]:
+    """Job (or array task) id -> state, reason, restarts, exit code, elapsed time."""
+    states: dict[str, dict[str, str]] = {}
+    done = _slurm("squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T|%r|%M|%N")
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        jid, state, reason, elapsed, nodes = line.split("|")
+        states[jid] = {"state": state, "reason": reason, "elapsed": elapsed, "nodes": nodes}
+    acct = _slurm("sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,Elapsed")
+    if acct.returncode == 0 and acct.stdout.strip():
+        for line in acct.stdout.splitlines():
+            jid, state, code, elapsed = line.split("|")
+            states.setdefault(jid, {"state": state, "exit_code": code, "elapsed": elapsed})
+        return states
+    show = _slurm("scontrol", "-o", "show", "job", job_id)
+    for line in show.stdout.splitlines() if show.returncode == 0 else []:
+        f = parse_scontrol(line)
+        task = f.get("ArrayTaskId")
+        jid = f"{f['ArrayJobId']}_{task}" if task else f.get("JobId", job_id)
+        found = states.setdefault(jid, {})
+        found.setdefault("state", f.get("JobState", "?"))
+        found.update(restarts=f.get("Restarts", "0"), exit_code=f.get("ExitCode", ""))
+        found.setdefault("reason", f.get("Reason", ""))
+        found.setdefault("elapsed", f.get("RunTime", ""))
+    return states
+
+
+def run_progress(output_dir: Path) -> dict[str, Any]:
+    """What the run directory says: last step, total steps, final validation loss."""
+    steps = [r["step"] for r in read_metrics(output_dir) if "loss" in r]
+    summary_path = output_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    progress: dict[str, Any] = {"step": steps[-1] if steps else 0, "finished": bool(summary)}
+    eval_loss = summary.get("validation", {}).get("eval_loss")
+    if eval_loss is not None:
+        progress["eval_loss"] = eval_loss
+    return progress
+
+
+def sweep_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per sweep task: overrides, Slurm state, progress, final eval loss."""
+    sweep_path = run_dir / "slurm" / "sweep.json"
+    if not sweep_path.is_file():
+        raise BigftError(f"{run_dir}: not a sweep ({sweep_path} missing)")
+    tasks = json.loads(sweep_path.read_text())["tasks"]
+    job = last_job(run_dir)
+    states = query_states(job["job_id"])
+    rows = []
+    for task in tasks:
+        task_id = f"{job['job_id']}_{task['task']}"
+        state = states.get(task_id, {}).get("state", "?")
+        rows.append(
+            {**task, "job_id": task_id, "state": state, **run_progress(Path(task["output_dir"]))}
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Requeue after a stop (called by `bigft train` when the loop returns).
+
+
+def after_stop(summary: dict[str, Any], console: Any = None) -> bool:
+    """Requeue this Slurm job after a USR1 stop; returns True when requeued.
+
+    Only in jobs rendered by bigft (BIGFT_REQUEUE=1), only on the main process of node 0
+    (one request per job), and only while SLURM_RESTART_COUNT is below slurm.max_restarts.
+    SIGTERM (scancel, time limit, Slurm's own preemption) is not requeued here: Slurm
+    decides those, and requeueing a cancelled job would undo the user's scancel.
+    """
+    env = os.environ
+    stopped = summary.get("stopped")
+    if stopped not in (REQUEUE_SIGNAL, "signal on another process"):
+        return False
+    if not env.get("SLURM_JOB_ID") or env.get("BIGFT_REQUEUE") != "1":
+        return False
+    if env.get("SLURM_NODEID", "0") != "0" or env.get("LOCAL_RANK", "0") != "0":
+        return False
+    say = console.print if console is not None else print
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    limit = int(env.get("BIGFT_MAX_RESTARTS") or 0)
+    if restarts >= limit:
+        say(f"bigft: not requeueing: restart {restarts} reached slurm.max_restarts = {limit}")
+        return False
+    done = _slurm("scontrol", "requeue", env["SLURM_JOB_ID"])
+    if done.returncode != 0:
+        say(f"bigft: scontrol requeue failed: {(done.stderr or done.stdout).strip()}")
+        return False
+    say(f"bigft: job {env['SLURM_JOB_ID']} requeued; it resumes from the checkpoint")
+    return True

@@ -1,0 +1,211 @@
+"""`bigft slurm ...`: the typer commands over bigft/slurm.py.
+
+Errors go through the main CLI's `user_errors` (one red line, exit code 2), imported when
+a command runs so that bigft.cli can import this module at the top without a cycle; the
+logic (pydantic, jinja2) is imported inside each command so `bigft --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+slurm_app = typer.Typer(
+    help="Run on a Slurm cluster: render and submit sbatch jobs, follow them, sweep.",
+    no_args_is_help=True,
+)
+
+CONFIG_ARG = typer.Argument(..., help="YAML config file.", show_default=False)
+OVERRIDES_ARG = typer.Argument(
+    None, help="Dotted overrides, e.g. optim.lr=1e-4 train.steps=100.", show_default=False
+)
+RUN_DIR_ARG = typer.Argument(..., help="The run's output_dir.", show_default=False)
+# Flags that override the config's `slurm` section (same names, see bigft/config.py).
+NODES = typer.Option(None, "--nodes", "-N", help="Nodes (slurm.nodes).")
+GPUS = typer.Option(None, "--gpus-per-node", help="GPUs per node (slurm.gpus_per_node).")
+PARTITION = typer.Option(None, "--partition", "-p", help="Partition (slurm.partition).")
+TIME = typer.Option(None, "--time", "-t", help="Time limit, e.g. 04:00:00 (slurm.time).")
+ACCOUNT = typer.Option(None, "--account", "-A", help="Account (slurm.account).")
+QOS = typer.Option(None, "--qos", help="QOS (slurm.qos).")
+CONSTRAINT = typer.Option(None, "--constraint", "-C", help="Node features (slurm.constraint).")
+EXCLUSIVE = typer.Option(None, "--exclusive/--shared", help="Whole nodes (slurm.exclusive).")
+MEM = typer.Option(None, "--mem", help="Memory per node, e.g. 480G (slurm.mem).")
+JOB_NAME = typer.Option(None, "--job-name", "-J", help="Job name (slurm.job_name).")
+CHECK = typer.Option(False, "--check", help="Validate with `sbatch --test-only`.")
+
+
+def _user_errors(func: F) -> F:
+    """bigft.cli.user_errors, looked up at call time (bigft.cli imports this module)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from bigft.cli import user_errors
+
+        return user_errors(func)(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _say(message: str) -> None:
+    from bigft.cli import console
+
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+def _flags(**values: Any) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+@slurm_app.command()
+@_user_errors
+def render(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    nodes: int | None = NODES,
+    gpus_per_node: int | None = GPUS,
+    partition: str | None = PARTITION,
+    time: str | None = TIME,
+    account: str | None = ACCOUNT,
+    qos: str | None = QOS,
+    constraint: str | None = CONSTRAINT,
+    exclusive: bool | None = EXCLUSIVE,
+    mem: str | None = MEM,
+    job_name: str | None = JOB_NAME,
+    check: bool = CHECK,
+) -> None:
+    """Write the sbatch script into OUTPUT_DIR/slurm/ and print it (nothing is submitted)."""
+    from bigft import slurm
+
+    flags = _flags(
+        nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
+        account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
+        job_name=job_name,
+    )  # fmt: skip
+    cfg = slurm.load_job_config(config, overrides or [], flags)
+    script = slurm.prepare_job(cfg, config)
+    sys.stdout.write(script.read_text())
+    _say(f"[green]wrote[/] {script}")
+    if check:
+        _say(f"[green]sbatch --test-only[/]: {slurm.check_script(script)}")
+
+
+@slurm_app.command()
+@_user_errors
+def submit(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    nodes: int | None = NODES,
+    gpus_per_node: int | None = GPUS,
+    partition: str | None = PARTITION,
+    time: str | None = TIME,
+    account: str | None = ACCOUNT,
+    qos: str | None = QOS,
+    constraint: str | None = CONSTRAINT,
+    exclusive: bool | None = EXCLUSIVE,
+    mem: str | None = MEM,
+    job_name: str | None = JOB_NAME,
+) -> None:
+    """Render the sbatch script, submit it, and keep script and job id in the run dir."""
+    from bigft import slurm
+
+    flags = _flags(
+        nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
+        account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
+        job_name=job_name,
+    )  # fmt: skip
+    cfg = slurm.load_job_config(config, overrides or [], flags)
+    script = slurm.prepare_job(cfg, config)
+    job_id = slurm.submit_script(script, script.parent)
+    print(job_id)
+    _say(
+        f"[green]submitted[/] job {job_id}: {script}\n"
+        f"log: {script.parent}/job-{job_id}.out · follow: bigft slurm status {cfg.output_dir}"
+    )
+
+
+@slurm_app.command()
+@_user_errors
+def status(run_dir: Path = RUN_DIR_ARG) -> None:
+    """Show the Slurm state of a submitted run and how far its training got."""
+    from bigft import slurm
+
+    job = slurm.last_job(run_dir)
+    states = slurm.query_states(job["job_id"])
+    progress = slurm.run_progress(run_dir)
+    if not states:
+        print(f"job {job['job_id']}: no longer known to Slurm (finished long ago?)")
+    for job_id, info in sorted(states.items()):
+        shown = " ".join(f"{k}={v}" for k, v in info.items() if v)
+        print(f"job {job_id}: {shown}")
+    done = "finished" if progress["finished"] else "in progress"
+    print(f"training: step {progress['step']} ({done})")
+    if "eval_loss" in progress:
+        print(f"final eval_loss: {progress['eval_loss']:.4f}")
+    print(f"log: {run_dir / 'slurm'}")
+
+
+@slurm_app.command()
+@_user_errors
+def sweep(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    grid: list[str] = typer.Option(
+        ..., "--grid", "-g", help="key=v1,v2,...; repeat for a product grid."
+    ),
+    max_parallel: int | None = typer.Option(
+        None, "--max-parallel", min=1, help="Array tasks running at once (--array=...%K)."
+    ),
+    nodes: int | None = NODES,
+    gpus_per_node: int | None = GPUS,
+    partition: str | None = PARTITION,
+    time: str | None = TIME,
+    account: str | None = ACCOUNT,
+    qos: str | None = QOS,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Render and print; don't submit."),
+) -> None:
+    """Submit one job array: one task, run directory and resolved config per grid point."""
+    from bigft import slurm
+
+    flags = _flags(
+        nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
+        account=account, qos=qos,
+    )  # fmt: skip
+    script, n = slurm.prepare_sweep(config, overrides or [], grid, flags, max_parallel)
+    if dry_run:
+        sys.stdout.write(script.read_text())
+        _say(f"[green]wrote[/] {script} ({n} tasks); not submitted")
+        return
+    job_id = slurm.submit_script(script, script.parent, array_size=n)
+    print(job_id)
+    _say(f"[green]submitted[/] array job {job_id} with {n} tasks: {script}")
+
+
+@slurm_app.command("sweep-status")
+@_user_errors
+def sweep_status(run_dir: Path = RUN_DIR_ARG) -> None:
+    """One line per sweep task: its overrides, Slurm state, step and final eval loss."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bigft import slurm
+
+    table = Table("task", "overrides", "state", "step", "eval_loss", "output_dir")
+    rows = slurm.sweep_rows(run_dir)
+    for row in sorted(rows, key=lambda r: r.get("eval_loss", float("inf"))):
+        loss = row.get("eval_loss")
+        table.add_row(
+            row["job_id"],
+            " ".join(row["overrides"]),
+            row["state"],
+            str(row["step"]),
+            f"{loss:.4f}" if loss is not None else "",
+            row["output_dir"],
+        )
+    Console().print(table)

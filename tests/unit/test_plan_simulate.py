@@ -1,0 +1,102 @@
+"""Analytic vs simulated (FakeTensorMode) vs measured (real CPU tensors) peak memory."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from bigft.plan import analytic, load_arch, simulate
+from bigft.plan.arch import arch_from_config
+from bigft.plan.simulate import simulate_depth
+from bigft.plan.workload import Workload
+
+# The grids take minutes: slow-marked, and run only when asked for (bench/planner_accuracy.py
+# prints the same comparisons as tables).
+GRID = pytest.mark.skipif(
+    not os.environ.get("BIGFT_PLAN_GRID"), reason="set BIGFT_PLAN_GRID=1 to run the full grid"
+)
+TOLERANCE = 0.10  # the issue's bound; the goal is 0.05 and the measured error is < 1 %
+SMALL = {  # ~19M parameters: a real Llama, randomly initialized from its config
+    "model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
+    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "vocab_size": 32000,
+}
+
+
+def _close(estimate: float, truth: float, tolerance: float = TOLERANCE) -> bool:
+    return abs(estimate - truth) <= tolerance * truth
+
+
+def _check_7b(name: str, method: str, seq: int, mb: int, ckpt: bool) -> None:
+    work = Workload(arch=load_arch(name), method=method, seq_len=seq, micro_batch=mb,
+                    grad_ckpt=ckpt)
+    sim = simulate(work)
+    assert sim.layers_simulated == [2, 3]
+    assert _close(analytic(work).tensor_peak, sim.total), (work, sim.peak)
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "seq", "mb", "ckpt"),
+    [("llama-2-7b", "full", 2048, 2, False), ("llama-3.1-8b", "lora", 4096, 1, True)],
+)
+def test_analytic_matches_simulated_7b(name: str, method: str, seq: int, mb: int, ckpt: bool):
+    _check_7b(name, method, seq, mb, ckpt)
+
+
+@pytest.mark.slow
+@GRID
+@pytest.mark.parametrize(
+    ("name", "method", "seq", "mb", "ckpt"),
+    list(itertools.product(("llama-2-7b", "llama-3.1-8b"), ("full", "lora"), (2048, 4096),
+                           (1, 2, 3, 4), (False, True))),
+)
+def test_analytic_matches_simulated_7b_grid(name, method, seq, mb, ckpt) -> None:
+    _check_7b(name, method, seq, mb, ckpt)
+
+
+def test_extrapolation_equals_full_depth() -> None:
+    arch = arch_from_config({**SMALL, "num_hidden_layers": 6}, "six-layers")
+    work = Workload(arch=arch, method="lora", seq_len=64, micro_batch=2)
+    full, quick = simulate(work, full_depth=True), simulate(work)
+    assert full.layers_simulated == [6] and quick.layers_simulated == [2, 3]
+    assert quick.total == pytest.approx(full.total, rel=1e-6)
+
+
+def _measured_vs_estimates(method: str, precision: str, seq: int, mb: int, ckpt: bool) -> None:
+    arch = arch_from_config(SMALL, "llama-19m")
+    work = Workload(arch=arch, method=method, precision=precision, seq_len=seq,
+                    micro_batch=mb, grad_ckpt=ckpt, device="cpu")
+    trainable = work.n_trainable_layers  # real tensors, a real step, every layer
+    phases = simulate_depth(work, trainable, arch.layers - trainable, fake=False)
+    measured = max(sum(p.values()) for p in phases.values())
+    assert _close(simulate(work).total, measured)
+    assert _close(analytic(work).tensor_peak, measured)
+
+
+@pytest.mark.parametrize(("method", "precision", "ckpt"), [("full", "fp32", False),
+                                                           ("lora", "bf16", True)])
+def test_estimates_match_a_real_step_on_cpu(method: str, precision: str, ckpt: bool) -> None:
+    _measured_vs_estimates(method, precision, seq=128, mb=2, ckpt=ckpt)
+
+
+@pytest.mark.slow
+@GRID
+@pytest.mark.parametrize(
+    ("method", "precision", "seq", "mb", "ckpt"),
+    list(itertools.product(("full", "freeze", "lora", "qlora"), ("fp32", "bf16"), (128, 512),
+                           (1, 4), (False, True))),
+)
+def test_estimates_match_a_real_step_on_cpu_grid(method, precision, seq, mb, ckpt) -> None:
+    if method != "full" and precision == "fp32":
+        pytest.skip("adapters train on a bf16 base")
+    _measured_vs_estimates(method, precision, seq, mb, ckpt)
+
+
+def test_sharded_layouts_keep_simulated_activations() -> None:
+    arch = arch_from_config(SMALL, "llama-19m")
+    work = Workload(arch=arch, strategy="zero3", gpus_per_node=8, seq_len=128, micro_batch=2)
+    sim, est = simulate(work), analytic(work)
+    assert sim.peak["params"] == pytest.approx(est.params)
+    assert _close(est.tensor_peak, sim.total)
