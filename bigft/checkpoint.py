@@ -86,10 +86,49 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def check_compatible(path: Path, strategy: str, world_size: int) -> None:
+    """Sharded checkpoints only load on the layout that wrote them; say how to convert."""
+    saved = json.loads((path / STATE_FILE).read_text())
+    old_strategy = saved.get("strategy", "ddp")
+    old_world = saved.get("world_size", world_size)
+    if old_strategy != strategy:
+        raise BigftError(
+            f"{path} was written with parallel.strategy={old_strategy}, this run uses "
+            f"{strategy}; resume with the same strategy, or start from the exported weights "
+            "(train.resume=never, model.name_or_path=<run>/final)"
+        )
+    if strategy != "ddp" and old_world != world_size:
+        hint = (
+            "convert it with DeepSpeed's universal checkpoint (ds_to_universal.py) or "
+            "zero_to_fp32.py in the checkpoint directory"
+            if strategy.startswith("zero")
+            else "export full weights and start from them"
+        )
+        raise BigftError(
+            f"{path} holds {strategy} shards of {old_world} process(es) but this run has "
+            f"{world_size}; resume on {old_world} process(es), or {hint} "
+            "(then train.resume=never, model.name_or_path=<converted dir>)"
+        )
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore model/optimizer/scheduler/RNG in place; return the trainer state."""
-    accelerator.load_state(str(path))
+    # 4-bit (QLoRA) layers save their quantization constants as extra keys (`.absmax`,
+    # `.quant_map`, ...) that a strict load rejects. The frozen 4-bit base is the one
+    # already loaded, so those keys are skipped; every trainable weight is still loaded.
+    accelerator.load_state(str(path), **({"strict": False} if _has_4bit_state(path) else {}))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def _has_4bit_state(path: Path) -> bool:
+    from safetensors import safe_open
+
+    files = list(path.glob("model*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if any(k.endswith(".quant_map") for k in f.keys()):  # noqa: SIM118
+                return True
+    return False
 
 
 def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

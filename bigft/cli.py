@@ -99,7 +99,7 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
     from bigft.train import run_training
 
     summary = run_training(cfg, console)
-    if "final_model" in summary:
+    if "final_model" in summary and os.environ.get("RANK", "0") == "0":
         console.print(f"[green]done[/]: model exported to {summary['final_model']}")
     from bigft.slurm import after_stop
 
@@ -136,6 +136,54 @@ def config_show(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRID
     out.print(dump_config(load_config(config, overrides or [])), highlight=False, end="")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def launch(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    nproc: int = typer.Option(1, "--nproc", help="Processes on this node (one per GPU)."),
+    nnodes: int = typer.Option(
+        int(os.environ.get("SLURM_NNODES", "1")), "--nnodes", help="Nodes in the job."
+    ),
+    node_rank: int = typer.Option(
+        int(os.environ.get("SLURM_NODEID", "0")), "--node-rank", help="This node's rank."
+    ),
+    master_addr: str = typer.Option(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master-addr", help="Rendezvous host."
+    ),
+    master_port: int = typer.Option(
+        int(os.environ.get("MASTER_PORT", "29500")), "--master-port", help="Rendezvous port."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, run nothing."),
+) -> None:
+    """Start `bigft train` on N processes per node through torchrun (c10d rendezvous)."""
+    import shlex
+    import subprocess
+
+    from bigft.config import load_config
+
+    load_config(config, overrides or [])  # fail here, once, not in every process
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={master_addr}:{master_port}",
+            "--rdzv_id=bigft",
+        ]
+    cmd += ["-m", "bigft", "train", str(config), *(overrides or [])]
+    console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    code = subprocess.call(cmd, env=env)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 @user_errors
 def demo(
@@ -147,6 +195,25 @@ def demo(
     from bigft.demo import run_demo
 
     run_demo(output_dir, overrides or [], console)
+
+
+@app.command("export")
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory (its output_dir).", show_default=False),
+    out_dir: Path = typer.Option(
+        ..., "--out", "-o", help="Directory to write.", show_default=False
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", help="Merge the adapter into the base (QLoRA: dequantized first)."
+    ),
+) -> None:
+    """Export a run's final model: the adapter as is, or merged into a full model."""
+    _quiet_libraries()
+    from bigft.export import export_run
+
+    written = export_run(run_dir, out_dir, merge=merge)
+    console.print(f"[green]exported[/] {written}")
 
 
 app.command("plan")(user_errors(_plan))

@@ -134,16 +134,143 @@ class DataConfig(Section):
         return [self.train] if isinstance(self.train, str) else list(self.train)
 
 
-class MethodConfig(Section):
-    """What is trained: the whole model, or part of it."""
+class LoraConfig(Section):
+    """Low-rank adapters (peft) for method lora, dora and qlora."""
 
-    name: Literal["full"] = Field("full", description="full: every parameter is trained.")
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: update = alpha/r x B·A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="'all-linear': every linear layer but the head; or module names such "
+        "as [q_proj, v_proj].",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters and saved with them, e.g. "
+        "[embed_tokens, lm_head] after adding tokens.",
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r (stable at high r)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("lists no modules; use 'all-linear' or module names")
+        return value
+
+
+class QuantConfig(Section):
+    """4-bit base weights (bitsandbytes) for method qlora."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (~0.4 bit/param saved)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the dequantized weights are multiplied in."
+    )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="Element type holding the packed 4-bit values. FSDP2/ZeRO-3 shard only "
+        "float tensors of one dtype: set it to the model dtype there.",
+    )
+
+
+class MethodConfig(Section):
+    """What is trained: the whole model, part of it, or adapters on a (4-bit) frozen base."""
+
+    name: Literal["full", "freeze", "lora", "dora", "qlora"] = Field(
+        "full",
+        description="full: every parameter; freeze: full minus the parts frozen below; "
+        "lora / dora: peft adapters on a frozen base; qlora: LoRA on a 4-bit base.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="Adapter settings (lora, dora, qlora)."
+    )
+    quant: QuantConfig = Field(
+        default_factory=QuantConfig, description="4-bit quantization settings (qlora)."
+    )
+    freeze_embeddings: bool = Field(
+        False, description="freeze: do not train the input embeddings."
+    )
+    freeze_first_layers: int = Field(
+        0, ge=0, description="freeze: do not train the first N decoder layers."
+    )
+    train_top_layers: int | None = Field(
+        None,
+        ge=0,
+        description="freeze: train only the top N decoder layers, the final norm and the "
+        "head; 0 trains the head only.",
+    )
+    gradient_checkpointing: Literal["off", "full", "every_k"] = Field(
+        "off",
+        description="Recompute activations in backward (non-reentrant): every decoder layer "
+        "(full) or every k-th (every_k).",
+    )
+    checkpoint_every_k: int | None = Field(
+        None, ge=1, description="every_k: checkpoint decoder layers 0, k, 2k, ..."
+    )
+    offload_activations: bool = Field(
+        False, description="Keep checkpointed layer inputs in host memory (torch save_on_cpu)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodConfig:
+        adapters = self.name in ("lora", "dora", "qlora")
+        freezing = self.freeze_embeddings or self.freeze_first_layers or (
+            self.train_top_layers is not None
+        )
+        if self.name == "freeze" and not freezing:
+            raise ValueError(
+                "method.name freeze needs freeze_embeddings, freeze_first_layers or "
+                "train_top_layers"
+            )
+        if freezing and self.name != "freeze":
+            hint = "the base is already frozen" if adapters else "use method.name: freeze"
+            raise ValueError(f"freeze_* / train_top_layers apply to method freeze ({hint})")
+        if self.freeze_first_layers and self.train_top_layers is not None:
+            raise ValueError("set freeze_first_layers or train_top_layers, not both")
+        # Non-default values only: the resolved config written to a run lists every field.
+        if self.lora != LoraConfig() and not adapters:
+            raise ValueError(f"method.lora is set but method.name is {self.name}")
+        if self.quant != QuantConfig() and self.name != "qlora":
+            raise ValueError(f"method.quant is set but method.name is {self.name}, not qlora")
+        if self.gradient_checkpointing == "every_k" and self.checkpoint_every_k is None:
+            raise ValueError("gradient_checkpointing every_k needs checkpoint_every_k")
+        if self.checkpoint_every_k is not None and self.gradient_checkpointing != "every_k":
+            raise ValueError("checkpoint_every_k applies to gradient_checkpointing: every_k")
+        if self.offload_activations and self.gradient_checkpointing == "off":
+            raise ValueError("offload_activations needs gradient_checkpointing full or every_k")
+        return self
 
 
 class OptimConfig(Section):
-    """Optimizer settings."""
+    """Optimizer settings, with optional per-depth and per-part learning rates."""
 
-    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field(
+        "adamw",
+        description="adamw (torch); adamw_8bit / paged_adamw_8bit (bitsandbytes: 8-bit "
+        "states, paged to host memory on GPU spikes); adafactor (factored second moment, "
+        "torch); sgd (with momentum).",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum.")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise lr decay: decoder layer i of L trains at lr x decay^(L-i); "
+        "head and final norm at lr, embeddings at lr x decay^(L+1).",
+    )
+    lr_adapters: float | None = Field(
+        None, gt=0, description="Base lr of adapter weights (then scaled by layer_decay)."
+    )
+    lr_head: float | None = Field(None, gt=0, description="lr of the output head (as is).")
+    lr_embeddings: float | None = Field(
+        None, gt=0, description="lr of the input embeddings (as is)."
+    )
     lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(
         0.0, ge=0, description="Decoupled weight decay (never applied to biases and norms)."
@@ -207,6 +334,38 @@ class TrainConfig(Section):
         if isinstance(value, int) and value <= 0:
             raise ValueError("must be a positive integer or 'auto'")
         return value
+
+
+class ParallelConfig(Section):
+    """How the work is spread over processes: DDP, DeepSpeed ZeRO or FSDP2."""
+
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2"] = Field(
+        "ddp",
+        description="ddp: full replicas; zero1/2/3: DeepSpeed ZeRO sharding of optimizer "
+        "states / +gradients / +parameters; fsdp2: PyTorch fully_shard per decoder layer.",
+    )
+    offload_optimizer: bool = Field(
+        False, description="ZeRO / FSDP2: keep optimizer states (and the update) on CPU."
+    )
+    offload_params: bool = Field(
+        False, description="ZeRO-3 / FSDP2: keep parameters on CPU between uses."
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON used as the base instead of the generated one; batch, "
+        "precision and clipping must agree with this config (checked).",
+    )
+    reduce_bucket_size: int = Field(
+        50_000_000, gt=0, description="ZeRO: elements per gradient reduce bucket."
+    )
+    fsdp_layer_cls: list[str] | None = Field(
+        None,
+        description="FSDP2: module class names wrapped as units; default: the model's "
+        "_no_split_modules (its decoder layer).",
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP2: free gathered parameters after forward (ZeRO-3-like)."
+    )
 
 
 class GenerateConfig(Section):
@@ -384,6 +543,9 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints and export."
     )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="Distribution strategy."
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="Slurm job: resources, launch, requeue."
@@ -392,6 +554,19 @@ class Config(Section):
         description="Run directory: resolved config, metrics, checkpoints, final model. "
         "Relative paths resolve against the current directory."
     )
+
+    @model_validator(mode="after")
+    def _method_consistency(self) -> Config:
+        m, o = self.method, self.optim
+        if o.lr_adapters is not None and m.name in ("full", "freeze"):
+            raise ValueError(f"optim.lr_adapters is set but method {m.name} has no adapters")
+        sharded = self.parallel.strategy in ("zero3", "fsdp2")
+        if m.name == "qlora" and sharded and m.quant.quant_storage == "uint8":
+            raise ValueError(
+                f"qlora with {self.parallel.strategy}: set method.quant.quant_storage to the "
+                "model dtype (e.g. bfloat16) so 4-bit weights can be sharded with the rest"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_consistency(self) -> Config:

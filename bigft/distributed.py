@@ -1,15 +1,23 @@
-"""Build the Accelerator that runs the loop, and the batch layout over its processes."""
+"""Build the Accelerator (DDP, DeepSpeed ZeRO-1/2/3, FSDP2) and the batch layout.
+
+The only module that configures DeepSpeed. Several engines fall back silently on CPU
+(see `_cpu_process_group`); `engine_report()` reads back what is really in effect so
+runs and tests can prove it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-from bigft.config import TrainConfig
+from bigft.config import ParallelConfig, TrainConfig
 from bigft.errors import ConfigError
 
 
@@ -20,25 +28,9 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def build_accelerator(train: TrainConfig, grad_accum: int) -> Accelerator:
-    """One Accelerator for every launch path (python, accelerate launch, torchrun).
-
-    Without CUDA the Accelerator must be told it runs on CPU: under torchrun a plain
-    Accelerator() on CPU silently makes every process rank 0 of a world of 1.
-    """
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=resolve_precision(train.precision),
-        # bigft calls accumulate() exactly grad_accum times per optimizer step and owns
-        # the data position, so the end of a dataloader never forces a sync.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=grad_accum, sync_with_dataloader=False
-        ),
-        step_scheduler_with_optimizer=False,
-    )
+def world_size_from_env() -> int:
+    """Processes in the job, as set by torchrun / accelerate launch / srun (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -54,14 +46,15 @@ class BatchLayout:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
 
-def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
+def batch_layout(train: TrainConfig, world_size: int, micro_batch_size: int | None = None) -> BatchLayout:
     """Derive gradient accumulation from global_batch_size (or take it as given)."""
-    if train.micro_batch_size == "auto":
+    micro = micro_batch_size or train.micro_batch_size
+    if micro == "auto":
         raise ConfigError(
-            "train.micro_batch_size: 'auto' needs the memory planner, which is not available "
-            "in this version; set an integer (e.g. train.micro_batch_size=4)"
+            "train.micro_batch_size: 'auto' needs a GPU to plan for; set an integer "
+            "(e.g. train.micro_batch_size=4) or see `bigft plan`"
         )
-    micro = train.micro_batch_size
+    assert isinstance(micro, int)
     if train.global_batch_size is None:
         return BatchLayout(micro, train.grad_accum or 1, world_size)
     per_step = micro * world_size
@@ -71,3 +64,213 @@ def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
             f"micro_batch_size {micro} x {world_size} process(es) = {per_step}"
         )
     return BatchLayout(micro, train.global_batch_size // per_step, world_size)
+
+
+def deepspeed_config(
+    parallel: ParallelConfig, train: TrainConfig, layout: BatchLayout
+) -> dict[str, Any]:
+    """A complete DeepSpeed config generated from bigft's settings (no 'auto' left)."""
+    stage = int(parallel.strategy[-1])
+    precision = resolve_precision(train.precision)
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": parallel.reduce_bucket_size,
+    }
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage == 3:
+        # Without this, save_model on ZeRO-3 writes an empty state dict.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if parallel.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch_size,
+        "gradient_clipping": train.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # fp16 needs dynamic loss scaling (older GPUs without bf16).
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # bigft passes its own torch optimizer; allow it with CPU offload too.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if parallel.deepspeed_config:
+        config = _merge_user_deepspeed(parallel.deepspeed_config, config)
+    return config
+
+
+def _merge_user_deepspeed(path: str, generated: dict[str, Any]) -> dict[str, Any]:
+    """Start from the user's JSON; values bigft owns must agree with the bigft config."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"parallel.deepspeed_config: '{path}' not found")
+    try:
+        user = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    owned = {
+        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+        "gradient_accumulation_steps": "train.grad_accum / global_batch_size",
+        "train_batch_size": "train.global_batch_size",
+        "gradient_clipping": "train.max_grad_norm",
+    }
+    for key, bigft_key in owned.items():
+        if key in user and user[key] != "auto" and user[key] != generated[key]:
+            raise ConfigError(
+                f"{path}: {key} = {user[key]} contradicts {bigft_key} (= {generated[key]}); "
+                f"remove it from the JSON or set 'auto'"
+            )
+    for section in ("bf16", "fp16"):
+        user_on = user.get(section, {}).get("enabled")
+        if user_on not in (None, "auto") and bool(user_on) != generated[section]["enabled"]:
+            raise ConfigError(
+                f"{path}: {section}.enabled = {user_on} contradicts train.precision; "
+                "set it in one place only"
+            )
+    stage = user.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != generated["zero_optimization"]["stage"]:
+        raise ConfigError(
+            f"{path}: zero_optimization.stage = {stage} contradicts parallel.strategy"
+        )
+    merged = {**generated, **{k: v for k, v in user.items() if v != "auto"}}
+    merged["zero_optimization"] = {
+        **generated["zero_optimization"],
+        **user.get("zero_optimization", {}),
+    }
+    for key in owned:
+        merged[key] = generated[key]
+    return merged
+
+
+def _cpu_process_group() -> None:
+    """FSDP2 on CPU: accelerate ignores the FSDP plugin when cpu=True, and with gloo but
+    no cpu=True it runs unsharded and the ranks' weights diverge. Creating the shared
+    state on gloo and marking it multi-device makes accelerate apply fully_shard."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(backend="gloo")
+    if state.num_processes > 1:
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
+def build_accelerator(
+    train: TrainConfig, parallel: ParallelConfig, layout: BatchLayout
+) -> Accelerator:
+    """One Accelerator for every launch path (python, accelerate launch, torchrun, srun)."""
+    cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "mixed_precision": resolve_precision(train.precision),
+        # bigft calls accumulate() exactly grad_accum times per optimizer step and owns
+        # the data position, so the end of a dataloader never forces a sync.
+        "gradient_accumulation_plugin": GradientAccumulationPlugin(
+            num_steps=layout.grad_accum, sync_with_dataloader=False
+        ),
+        "step_scheduler_with_optimizer": False,
+    }
+    strategy = parallel.strategy
+    if strategy.startswith("zero"):
+        from accelerate.utils import DeepSpeedPlugin
+
+        from bigft.errors import require
+
+        require("deepspeed", "deepspeed", f"parallel.strategy: {strategy}")
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            hf_ds_config=deepspeed_config(parallel, train, layout)
+        )
+        kwargs.pop("mixed_precision")  # set inside the DeepSpeed config
+        if cpu:
+            # NOT cpu=True: that silently turns DeepSpeed into DDP.
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif strategy == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=parallel.fsdp_layer_cls,
+            reshard_after_forward=parallel.fsdp_reshard_after_forward,
+            cpu_offload=parallel.offload_params or parallel.offload_optimizer,
+            state_dict_type="SHARDED_STATE_DICT",
+        )
+        if cpu:
+            _cpu_process_group()
+    elif cpu:
+        # Under torchrun a plain Accelerator() on CPU makes every process rank 0 of 1.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        kwargs["cpu"] = True
+    return Accelerator(**kwargs)
+
+
+def check_fsdp_layers(model: Any, parallel: ParallelConfig) -> None:
+    """FSDP2 wraps decoder layers by class name; an unknown name is a config error."""
+    if parallel.strategy != "fsdp2":
+        return
+    present = {type(m).__name__ for m in model.modules()}
+    wanted = parallel.fsdp_layer_cls or list(getattr(model, "_no_split_modules", None) or [])
+    missing = [name for name in wanted if name not in present]
+    if missing or not wanted:
+        candidates = sorted(n for n in present if "Layer" in n or "Block" in n)
+        raise ConfigError(
+            f"parallel.fsdp_layer_cls: {', '.join(missing) or '(none)'} not found in the "
+            f"model; its layer classes: {', '.join(candidates) or 'none found'}"
+        )
+
+
+def engine_report(accelerator: Accelerator, model: Any) -> dict[str, Any]:
+    """What is really running: distributed type, ZeRO stage, share of parameters held."""
+    report: dict[str, Any] = {
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "world_size": accelerator.num_processes,
+    }
+    if hasattr(model, "zero_optimization_stage"):
+        report["zero_stage"] = int(model.zero_optimization_stage())
+    local = full = 0
+    for param in accelerator.unwrap_model(model).parameters():
+        ds_numel = getattr(param, "ds_numel", None)  # ZeRO-3 partitioned parameter
+        if ds_numel is not None:
+            full += ds_numel
+            local += param.ds_tensor.numel()
+        elif hasattr(param, "to_local"):  # FSDP2 DTensor shard
+            full += param.numel()
+            local += param.to_local().numel()
+        else:
+            full += param.numel()
+            local += param.numel()
+    report["param_fraction_local"] = round(local / max(full, 1), 4)
+    return report
+
+
+def full_weights_digest(accelerator: Accelerator, model: Any) -> list[str]:
+    """sha256 of each process's full (gathered) weights, one entry per process.
+
+    Every process gathers its view of the complete model (ZeRO-3 partitions and FSDP2
+    shards included), so equal digests prove the ranks agree on every weight.
+    """
+    import hashlib
+    from contextlib import nullcontext
+
+    unwrapped = accelerator.unwrap_model(model)
+    params = list(unwrapped.named_parameters())
+    gather: Any = nullcontext()
+    if any(hasattr(p, "ds_numel") for _, p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    digest = hashlib.sha256()
+    with gather, torch.no_grad():
+        for name, param in sorted(params, key=lambda item: item[0]):
+            tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    mine = digest.hexdigest()
+    if accelerator.num_processes == 1:
+        return [mine]
+    everyone: list[Any] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(everyone, mine)
+    return [str(d) for d in everyone]

@@ -1,12 +1,157 @@
-"""What is trained: full fine-tuning (every parameter). Other methods plug in here."""
+"""What is trained: full fine-tuning, layer freezing, LoRA / DoRA / rsLoRA, QLoRA.
+
+`apply_method` runs right after `load_model` (which already loaded a QLoRA base in 4 bits)
+and before the optimizer is built: it sets `requires_grad`, wraps the model in peft
+adapters where asked, and turns on activation checkpointing. Every method then shares
+the one training loop.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
-from bigft.config import Config
+from torch import nn
+
+from bigft.config import Config, LoraConfig, MethodConfig
+from bigft.errors import BigftError, require
+from bigft.model import count_parameters
+
+log = logging.getLogger(__name__)
+
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """(attribute name, count) of the model's stack of decoder layers, e.g. ('layers', 32).
+
+    The stack is the `nn.ModuleList` with `config.num_hidden_layers` entries; parameter
+    names contain `<attribute>.<index>.`, wrapped in peft or not.
+    """
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len(module) == (n or len(module)):
+            return name.rsplit(".", 1)[-1], len(module)
+    raise BigftError(f"{type(model).__name__}: cannot find its decoder layers")
+
+
+def layer_index(param_name: str, layers_attr: str) -> int | None:
+    """Decoder layer a parameter belongs to, from its name; None outside the stack."""
+    match = re.search(rf"(?:^|\.){re.escape(layers_attr)}\.(\d+)\.", param_name)
+    return int(match.group(1)) if match else None
+
+
+def apply_freezing(model: nn.Module, cfg: MethodConfig) -> None:
+    """method freeze: train everything except the embeddings and/or the lowest layers.
+
+    `train_top_layers: N` is the same as freezing the embeddings and the first L-N layers
+    (the final norm and the head stay trainable; N = 0 trains only those).
+    """
+    layers_attr, n_layers = find_decoder_layers(model)
+    freeze_below, freeze_embeddings = cfg.freeze_first_layers, cfg.freeze_embeddings
+    if cfg.train_top_layers is not None:
+        if cfg.train_top_layers > n_layers:
+            raise BigftError(
+                f"method.train_top_layers {cfg.train_top_layers} > the model's {n_layers} layers"
+            )
+        freeze_below, freeze_embeddings = n_layers - cfg.train_top_layers, True
+    if freeze_below > n_layers:
+        raise BigftError(
+            f"method.freeze_first_layers {freeze_below} > the model's {n_layers} layers"
+        )
+    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+    for name, param in model.named_parameters():
+        index = layer_index(name, layers_attr)
+        frozen = (freeze_embeddings and id(param) in embedding_ids) or (
+            index is not None and index < freeze_below
+        )
+        param.requires_grad_(not frozen)
+    head = model.get_output_embeddings()
+    if freeze_embeddings and head is not None and head.weight.requires_grad is False:
+        log.warning("the head is tied to the input embeddings, so it is frozen too")
+
+
+def lora_config(cfg: LoraConfig, use_dora: bool) -> Any:
+    """The peft LoraConfig for a causal LM."""
+    import peft
+
+    return peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        use_rslora=cfg.use_rslora,
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_adapters(model: Any, cfg: MethodConfig) -> Any:
+    """Wrap the (frozen) base in peft LoRA/DoRA adapters; QLoRA bases are prepared first."""
+    require("peft", "lora", f"method {cfg.name}")
+    import peft
+
+    if cfg.name == "qlora":
+        require("bitsandbytes", "quant", "method qlora")
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise BigftError("method qlora: the model was not loaded in 4 bits")
+        # Casts norms/embeddings to fp32 and freezes the base; checkpointing is turned on
+        # below, the same way for every method.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        return peft.get_peft_model(model, lora_config(cfg.lora, use_dora=cfg.name == "dora"))
+    except ValueError as exc:
+        raise BigftError(f"method.lora: {exc}") from None
+
+
+def apply_checkpointing(model: Any, cfg: MethodConfig) -> None:
+    """Non-reentrant activation checkpointing of every (or every k-th) decoder layer.
+
+    Input embeddings are made to require grad, so gradients reach adapters inside a
+    checkpointed layer whose inputs would otherwise all be frozen.
+    """
+    if cfg.gradient_checkpointing == "off":
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise BigftError(f"{type(base).__name__} does not support gradient checkpointing")
+    every = cfg.checkpoint_every_k if cfg.gradient_checkpointing == "every_k" else 1
+    base.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        every_n_layers=every or 1,
+        offload=cfg.offload_activations,
+    )
+    base.enable_input_require_grads()
 
 
 def apply_method(model: Any, cfg: Config) -> Any:
     """Prepare a loaded model for the configured method; returns the model to train."""
+    method = cfg.method
+    if method.name == "freeze":
+        apply_freezing(model, method)
+    elif method.name in ADAPTER_METHODS:
+        model = apply_adapters(model, method)
+    apply_checkpointing(model, method)
+    trainable, total = count_parameters(model)  # ZeRO-3 aware
+    if trainable == 0:
+        raise BigftError(f"method {method.name}: no parameter is left to train")
+    log.info(
+        "method %s: %s / %s parameters trainable (%.3f%%)",
+        method.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
     return model
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a peft-wrapped model (adapters), False for a plain transformers one."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)

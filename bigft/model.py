@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bigft.config import ModelConfig
+from bigft.config import ModelConfig, QuantConfig
 from bigft.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,45 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, precision: str = "fp32") -> Any:
-    """AutoModelForCausalLM from a local directory or hub id, in the configured dtype."""
+def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
+    """from_pretrained arguments that load linear layers as bitsandbytes 4-bit (QLoRA).
+
+    The whole model goes to this process's device: `device_map` is required by the 4-bit
+    loader, and one device per process is what DDP/FSDP expect.
+    """
+    from bigft.errors import require
+
+    require("bitsandbytes", "quant", "method qlora")
+    from transformers import BitsAndBytesConfig
+
+    device: Any = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=getattr(torch, quant.quant_storage),
+    )
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def load_model(
+    cfg: ModelConfig, precision: str = "fp32", quant: QuantConfig | None = None
+) -> Any:
+    """AutoModelForCausalLM from a local directory or hub id, in the configured dtype.
+
+    With `quant` (method qlora) the linear layers are loaded as 4-bit `Linear4bit`, and
+    dtype 'auto' means the compute dtype.
+    """
     from transformers import AutoModelForCausalLM
 
+    from bigft._compat import disable_bnb_cpu_repack
+
     _check_source(cfg.name_or_path, "model.name_or_path")
-    dtype = _DTYPES.get(cfg.dtype, torch.float32)  # auto: fp32 master weights
+    default = _DTYPES[quant.compute_dtype] if quant is not None else torch.float32
+    dtype = _DTYPES.get(cfg.dtype, default)  # auto: fp32 master weights
     attn = pick_attn_implementation(cfg.attn_implementation)
+    extra = quantization_kwargs(quant) if quant is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
@@ -76,9 +108,12 @@ def load_model(cfg: ModelConfig, precision: str = "fp32") -> Any:
             dtype=dtype,
             attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
+            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{cfg.name_or_path}': {_first_line(exc)}") from None
+    if quant is not None:
+        disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # training; generation turns it back on explicitly
     log.info("loaded %s (%s, attention: %s)", cfg.name_or_path, dtype, attn)
     return model
@@ -86,8 +121,11 @@ def load_model(cfg: ModelConfig, precision: str = "fp32") -> Any:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params are partitioned
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total
 
 

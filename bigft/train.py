@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,20 @@ from bigft.data import (
     prepare_data,
     prompt_and_reference,
 )
-from bigft.distributed import BatchLayout, batch_layout, build_accelerator
+from bigft.distributed import (
+    BatchLayout,
+    batch_layout,
+    build_accelerator,
+    check_fsdp_layers,
+    engine_report,
+    full_weights_digest,
+    world_size_from_env,
+)
 from bigft.errors import BigftError
 from bigft.evaluate import evaluate_loss, exact_match, token_loss_sum
 from bigft.methods import apply_method
 from bigft.model import count_parameters, load_model, load_tokenizer
-from bigft.optim import build_optimizer, build_scheduler
+from bigft.optim import build_optimizer, build_scheduler, describe_groups
 from bigft.tracking import MetricsLog
 
 Batch = dict[str, torch.Tensor]
@@ -68,13 +76,15 @@ class Run:
 def setup(cfg: Config, console: Console | None = None) -> Run:
     """Validate and build everything; only then create the run directory."""
     console = console or Console(stderr=True)
-    accelerator = build_accelerator(cfg.train, grad_accum=1)
+    layout = batch_layout(cfg.train, world_size_from_env())
+    accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
+    if accelerator.num_processes != layout.world_size:
+        layout = batch_layout(cfg.train, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = layout.grad_accum
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
         data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
-    layout = batch_layout(cfg.train, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = layout.grad_accum
 
     train_rows = (
         pack(data.train, cfg.train.seq_len, cfg.train.seed, tokenizer.pad_token_id)
@@ -94,7 +104,9 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)
     )
 
-    model = apply_method(load_model(cfg.model, cfg.train.precision), cfg)
+    quant = cfg.method.quant if cfg.method.name == "qlora" else None
+    model = apply_method(load_model(cfg.model, cfg.train.precision, quant), cfg)
+    check_fsdp_layers(model, cfg.parallel)
     output_dir = _prepare_output_dir(cfg, accelerator)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
@@ -140,6 +152,7 @@ def _maybe_resume(run: Run) -> None:
     path = ckpt.resolve_resume(run.cfg.train.resume, run.output_dir)
     if path is None:
         return
+    ckpt.check_compatible(path, run.cfg.parallel.strategy, run.accelerator.num_processes)
     state = ckpt.load_checkpoint(run.accelerator, path)
     run.step = int(state["step"])
     run.counters.update(state.get("counters", {}))
@@ -153,7 +166,13 @@ def _print(run: Run, message: str) -> None:
 
 
 def _trainer_state(run: Run) -> dict[str, Any]:
-    return {"step": run.step, "loader": run.loader.state_dict(), "counters": run.counters}
+    return {
+        "step": run.step,
+        "loader": run.loader.state_dict(),
+        "counters": run.counters,
+        "strategy": run.cfg.parallel.strategy,
+        "world_size": run.accelerator.num_processes,
+    }
 
 
 def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
@@ -185,6 +204,8 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), run.cfg.train.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+    if grad_norm is None and hasattr(model, "get_global_grad_norm"):
+        grad_norm = model.get_global_grad_norm()  # DeepSpeed clips (and measures) itself
     run.scheduler.step()
     loss = acc.reduce(loss_total, reduction="sum").item() / max(global_targets, 1.0)
     return {
@@ -219,10 +240,11 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     _print(
         run,
         f"[bold]bigft[/] {cfg.model.name_or_path} | {trainable:,}/{total:,} trainable | "
-        f"{acc.num_processes} process(es) | micro-batch {run.layout.micro_batch_size} x "
+        f"{cfg.parallel.strategy} x {acc.num_processes} process(es) | micro-batch {run.layout.micro_batch_size} x "
         f"accum {run.layout.grad_accum} = global {run.layout.global_batch_size} | "
         f"{run.total_steps} steps | {run.output_dir}",
     )
+    _print(run, describe_groups(run.optimizer))
     if cfg.eval.at_start and run.step == 0:
         _evaluate(run)
     run.model.train()
@@ -313,9 +335,26 @@ def _eval_batches(run: Run, split: str) -> Iterator[Batch]:
         collate=Collator(run.tokenizer.pad_token_id, packed=run.cfg.data.packing),
         drop_last=False,
     )
-    batches = loader.iter_epoch()
-    limit = run.cfg.eval.max_batches
-    return (b for i, b in enumerate(batches) if limit is None or i < limit)
+    # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
+    # run the same number of forwards, so a process short of rows repeats its last batch
+    # with every label masked (it adds nothing to the loss).
+    count = loader.batches_per_epoch
+    if run.cfg.eval.max_batches is not None:
+        count = min(count, run.cfg.eval.max_batches)
+    return _fill_batches(loader.iter_epoch(), count, lambda: loader.collate([rows[0]]))
+
+
+def _fill_batches(
+    batches: Iterator[Batch], count: int, first_row: Callable[[], Batch]
+) -> Iterator[Batch]:
+    last: Batch | None = None
+    for _ in range(count):
+        batch = next(batches, None)
+        if batch is None:
+            filler = last if last is not None else first_row()
+            batch = {**filler, "labels": torch.full_like(filler["labels"], -100)}
+        last = batch
+        yield batch
 
 
 def generation_examples(rows: Any, tokenizer: Any, limit: int) -> list[tuple[list[int], str]]:
@@ -368,6 +407,8 @@ def _finish(run: Run) -> dict[str, Any]:
         "steps": run.step,
         "world_size": run.accelerator.num_processes,
         "global_batch_size": run.layout.global_batch_size,
+        "engine": engine_report(run.accelerator, run.model),
+        "weights_sha256_per_rank": full_weights_digest(run.accelerator, run.model),
         "output_dir": str(run.output_dir),
     }
     evaluated_now = bool(cfg.eval.every_steps) and run.step % cfg.eval.every_steps == 0

@@ -46,6 +46,9 @@ def plan(
     optimizer: str | None = typer.Option(
         None, help="adamw | adamw8bit | paged_adamw8bit | adafactor | sgd."
     ),
+    attn: str | None = typer.Option(
+        None, "--attn", help="sdpa | flash_attention_2 | eager (default: the config's, sdpa)."
+    ),
     margin: float = typer.Option(0.05, help="Fraction of GPU memory kept free."),
     cpu_mem: float = typer.Option(512.0, "--cpu-mem", help="CPU memory per node (GiB)."),
     simulate: bool = typer.Option(
@@ -89,6 +92,7 @@ def plan(
         grad_ckpt=grad_ckpt,
         lora_rank=lora_rank,
         optimizer=optimizer,
+        attn=attn,
     )
     train = getattr(cfg, "train", None)
     given = micro_batch is not None or isinstance(getattr(train, "micro_batch_size", None), int)

@@ -135,7 +135,7 @@ def step_activations(work: Workload) -> StepActivations:
         bottom += mask * n * h * len(qkv)
     dora_temp = _dora_transient(work)
     if work.grad_ckpt:
-        layer = r * h * n  # only the layer's input survives the forward
+        layer = float(r * h * n)  # only the layer's input survives the forward
         layer_bw = per_layer_full + _bw_transient(work, n) + dora_temp
         fwd_extra = work.n_trainable_layers * weight_cache
         bottom = 0.0

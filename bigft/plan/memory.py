@@ -95,7 +95,7 @@ def model_states(work: Workload) -> ModelStates:
     # the K bytes per parameter the paper partitions (K = 12 for Adam).
     master = (4 + _optimizer_bytes(work, 1, 4)) * n_t / world
     half = frozen + 2.0 * n_t
-    bucket = 2 * 2.0 * a.hidden**2  # reduce bucket (accelerate's 'auto': hidden^2), doubled
+    bucket = 2 * 2.0 * (work.reduce_bucket or a.hidden**2)  # double-buffered reduce bucket
     fp32_grads = 4 * n_t / world  # the fp32 gradient partition the optimizer steps on
     if stage in (1, 2):
         grads = 2.0 * n_t / (world if stage == 2 else 1)

@@ -59,6 +59,18 @@ class PlanReport:
     def usable(self) -> float:
         return usable_bytes(self.gpu, self.margin)
 
+    def summary(self) -> str:
+        """One line for the training log: the planner's inputs and its choice."""
+        w = self.work
+        verdict = "fits" if self.fits else "does NOT fit"
+        return (
+            f"planner: {w.arch.name} {w.method} {w.strategy} x{w.world_size} on {self.gpu.name} "
+            f"({self.gpu.memory_gib:.1f} GiB), seq {w.seq_len}, grad ckpt "
+            f"{'on' if w.grad_ckpt else 'off'}: micro-batch {self.micro_batch} x accum "
+            f"{self.grad_accum}, predicted peak {_gib(self.total)} of {_gib(self.usable)} "
+            f"usable ({verdict})"
+        )
+
 
 def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
@@ -222,15 +234,25 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
         targets = LINEARS if targets in ("all-linear", "all_linear") else (targets,)
     precision = str(getattr(train, "precision", "auto"))
     attn = str(getattr(model, "attn_implementation", "auto"))
+    strategy = str(_get(parallel, ("strategy", "engine"), "ddp"))
+    offload = _get(parallel, ("offload_params",), False) or _get(
+        parallel, ("offload_optimizer",), False
+    )
+    if strategy == "zero3" and offload:
+        strategy = "zero3-offload"
     values: dict[str, Any] = {
         "method": _get(method, ("name",), "full"),
-        "strategy": _get(parallel, ("strategy", "engine"), "ddp"),
+        "strategy": strategy,
+        "reduce_bucket": _get(parallel, ("reduce_bucket_size",), None),
         "lora_rank": int(_get(method, ("lora_rank", "rank", "r"), 16)),
         "lora_dropout": float(_get(method, ("lora_dropout", "dropout"), 0.0)),
         "lora_targets": tuple(targets),
         "trainable_layers": _get(method, ("trainable_layers",), None),
         "seq_len": int(getattr(train, "seq_len", 2048)),
-        "grad_ckpt": bool(_get(train, ("gradient_checkpointing", "grad_ckpt"), False)),
+        "grad_ckpt": any(
+            bool(_get(section, ("gradient_checkpointing", "grad_ckpt"), False))
+            for section in (train, model, method)
+        ),
         "precision": "bf16" if precision == "auto" else precision,
         "weight_dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
             str(getattr(model, "dtype", "auto")), "auto"

@@ -93,6 +93,7 @@ def plan_json(report: PlanReport) -> dict[str, Any]:
             },
             "layers_simulated": sim.layers_simulated,
             "seconds": round(sim.seconds, 2),
+            "notes": sim.notes,
         }
     return out
 
@@ -146,6 +147,8 @@ def print_plan(report: PlanReport, console: Console) -> None:
             "(FakeTensorMode + MemTracker), extrapolated to the model's depth",
             highlight=False,
         )
+        for note in sim.notes:
+            console.print(f"[yellow]simulation[/]: {note}", highlight=False)
     _print_layouts(report, console)
     for note in report.notes:
         console.print(f"[yellow]note[/]: {note}", highlight=False)

@@ -51,6 +51,7 @@ class Workload:
     lora_targets: tuple[str, ...] = LINEARS
     trainable_layers: int | None = None  # freeze: top layers that train (default: a quarter)
     attn: str = "sdpa"
+    reduce_bucket: int | None = None  # ZeRO reduce bucket (elements); None: hidden^2
     device: str = "cuda"  # "cpu" for CPU runs (the validation measures there)
 
     def __post_init__(self) -> None:
@@ -64,9 +65,9 @@ class Workload:
         for what, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"unknown {what} '{value}'; choose one of {', '.join(allowed)}")
-        for what, value in (("seq_len", self.seq_len), ("micro_batch", self.micro_batch)):
-            if value < 1:
-                raise ConfigError(f"{what} must be >= 1 (got {value})")
+        for name, size in (("seq_len", self.seq_len), ("micro_batch", self.micro_batch)):
+            if size < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {size})")
         if self.gpus_per_node < 1 or self.nodes < 1:
             raise ConfigError("--gpus-per-node and --nodes must be >= 1")
         bad = [t for t in self.lora_targets if t not in LINEARS]
@@ -100,7 +101,8 @@ class Workload:
     # ---- dtypes -------------------------------------------------------------------------
     @property
     def compute_bytes(self) -> int:
-        return DTYPE_BYTES[self.precision]
+        """Bytes of the dtype matmuls run in: bf16 weights or autocast make it 2."""
+        return 2 if self.base_weight_bytes == 2 or self.autocast else 4
 
     @property
     def base_weight_bytes(self) -> float:
@@ -110,19 +112,19 @@ class Workload:
         if self.method in ("lora", "dora", "qlora"):
             return 2.0
         if self.sharded_engine and self.precision != "fp32":
-            return 2.0  # the bf16 copy the engine computes with; the fp32 master is optimizer state
+            return 2.0  # the engine's bf16 copy; its fp32 master is optimizer state
         return 4.0
 
     @property
     def autocast(self) -> bool:
         """Accelerate wraps forward in autocast for mixed precision, except under DeepSpeed,
         whose bf16 engine runs the module itself in bf16."""
-        return self.compute_bytes == 2 and not self.strategy.startswith("zero")
+        return self.precision != "fp32" and not self.strategy.startswith("zero")
 
     @property
     def adapter_bytes(self) -> int:
         """LoRA weights: fp32 (peft upcasts them), bf16 inside a DeepSpeed bf16 engine."""
-        return 2 if self.strategy.startswith("zero") and self.compute_bytes == 2 else 4
+        return 2 if self.strategy.startswith("zero") and self.precision != "fp32" else 4
 
     @property
     def residual_bytes(self) -> int:

@@ -23,8 +23,20 @@ def _plan(*args: str):  # type: ignore[no-untyped-def]
 
 
 def test_json_has_the_promised_fields() -> None:
-    result = _plan("--model", "llama-3.1-8b", "--method", "lora", "--gpu", "a100-80",
-                   "--seq-len", "4096", "--grad-ckpt", "--global-batch", "64", "--json")
+    result = _plan(
+        "--model",
+        "llama-3.1-8b",
+        "--method",
+        "lora",
+        "--gpu",
+        "a100-80",
+        "--seq-len",
+        "4096",
+        "--grad-ckpt",
+        "--global-batch",
+        "64",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     per_gpu = plan["per_gpu_bytes"]
@@ -40,22 +52,52 @@ def test_json_has_the_promised_fields() -> None:
 
 
 def test_table_names_every_component(tmp_path: Path) -> None:
-    result = _plan("--model", "llama-2-7b", "--method", "qlora", "--gpu", "rtx4090",
-                   "--seq-len", "512", "--grad-ckpt")
+    result = _plan(
+        "--model",
+        "llama-2-7b",
+        "--method",
+        "qlora",
+        "--gpu",
+        "rtx4090",
+        "--seq-len",
+        "512",
+        "--grad-ckpt",
+    )
     assert result.exit_code == 0, result.output
-    for label in ("parameters", "gradients", "optimizer states", "activations", "logits",
-                  "framework buffers", "CUDA context", "fits", "layouts"):
+    for label in (
+        "parameters",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "logits",
+        "framework buffers",
+        "CUDA context",
+        "fits",
+        "layouts",
+    ):
         assert label in result.stdout
 
 
 def test_config_file_and_overrides(tmp_path: Path) -> None:
-    cfg = {"model": {"name_or_path": "llama-3.1-8b"}, "data": {"train": "rows.jsonl"},
-           "train": {"seq_len": 1024, "micro_batch_size": 2, "global_batch_size": 32},
-           "output_dir": str(tmp_path / "out")}
+    cfg = {
+        "model": {"name_or_path": "llama-3.1-8b"},
+        "data": {"train": "rows.jsonl"},
+        "train": {"seq_len": 1024, "micro_batch_size": 2, "global_batch_size": 32},
+        "output_dir": str(tmp_path / "out"),
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = _plan(str(path), "train.seq_len=2048", "--strategy", "zero3", "--gpus-per-node",
-                   "8", "--gpu", "h100", "--json")
+    result = _plan(
+        str(path),
+        "train.seq_len=2048",
+        "--strategy",
+        "zero3",
+        "--gpus-per-node",
+        "8",
+        "--gpu",
+        "h100",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert (plan["seq_len"], plan["micro_batch_size"], plan["grad_accum"]) == (2048, 2, 2)
@@ -67,9 +109,11 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     [
         (["--gpu", "h1000"], "unknown GPU 'h1000'; nearest: h100"),
         (["--model", "llama-9b"], "not a local model directory nor a shipped architecture"),
-        (["--method", "qlora", "--strategy", "zero3-offload", "--gpu", "rtx4090"],
-         "not supported: ZeRO-3 parameter offload cannot move bitsandbytes 4-bit weights to "
-         "the CPU; nearest layout that fits: "),
+        (
+            ["--method", "qlora", "--strategy", "zero3-offload", "--gpu", "rtx4090"],
+            "not supported: ZeRO-3 parameter offload cannot move bitsandbytes 4-bit weights to "
+            "the CPU; nearest layout that fits: ",
+        ),
         (["--model", "llama-3.1-405b", "--gpu", "rtx4090"], "fits no layout on 1 x rtx4090"),
         (["--gpu-mem", "80", "--micro-batch", "1"], "nearest layout that fits: zero3-offload"),
         (["--strategy", "zero4"], "unknown strategy 'zero4'"),
@@ -94,8 +138,20 @@ def test_json_of_a_plan_that_does_not_fit_exits_2() -> None:
 
 
 def test_simulate_adds_measured_columns() -> None:
-    result = _plan("--model", "qwen2.5-0.5b", "--method", "lora", "--gpu", "l4", "--seq-len",
-                   "1024", "--micro-batch", "2", "--simulate", "--json")
+    result = _plan(
+        "--model",
+        "qwen2.5-0.5b",
+        "--method",
+        "lora",
+        "--gpu",
+        "l4",
+        "--seq-len",
+        "1024",
+        "--micro-batch",
+        "2",
+        "--simulate",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     simulated = plan["simulated"]["per_gpu_bytes"]["tensor_peak"]
@@ -104,11 +160,16 @@ def test_simulate_adds_measured_columns() -> None:
 
 def test_choose_micro_batch_for_auto(tmp_path: Path) -> None:
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "model": {"name_or_path": "llama-3.1-8b"}, "data": {"train": "rows.jsonl"},
-        "train": {"seq_len": 2048, "micro_batch_size": "auto", "global_batch_size": 64},
-        "output_dir": str(tmp_path / "out"),
-    }))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "llama-3.1-8b"},
+                "data": {"train": "rows.jsonl"},
+                "train": {"seq_len": 2048, "micro_batch_size": "auto", "global_batch_size": 64},
+                "output_dir": str(tmp_path / "out"),
+            }
+        )
+    )
     cfg = load_config(cfg_path)
     micro, report = choose_micro_batch(cfg, world_size=8, gpu_mem_bytes=80 * 1024**3)
     assert micro == report.micro_batch and report.fits is False  # full 8B on ddp: no fit
@@ -124,6 +185,8 @@ def test_choose_micro_batch_for_auto(tmp_path: Path) -> None:
 def test_help_imports_no_torch() -> None:
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "bigft", "--help"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "torch" not in out.stderr

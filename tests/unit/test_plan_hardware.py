@@ -10,9 +10,17 @@ from bigft.plan.hardware import CATALOGUE, collective_gbps, custom_gpu, get_gpu
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3090", "rtx3090"), ("a100", "a100-80"),
-     ("A100-40GB", "a100-40"), ("NVIDIA H100 80GB HBM3", "h100-80"), ("h100", "h100-80"),
-     ("H200", "h200"), ("L40S", "l40s"), ("a10g", "a10g")],
+    [
+        ("RTX 4090", "rtx4090"),
+        ("NVIDIA GeForce RTX 3090", "rtx3090"),
+        ("a100", "a100-80"),
+        ("A100-40GB", "a100-40"),
+        ("NVIDIA H100 80GB HBM3", "h100-80"),
+        ("h100", "h100-80"),
+        ("H200", "h200"),
+        ("L40S", "l40s"),
+        ("a10g", "a10g"),
+    ],
 )
 def test_names_as_people_and_drivers_write_them(name: str, expected: str) -> None:
     assert get_gpu(name).name == expected

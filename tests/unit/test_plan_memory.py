@@ -23,8 +23,7 @@ def test_zero_paper_figure_1(stage: int, paper_gb: float) -> None:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_layouts_partition_model_states_like_the_paper(stage: int) -> None:
-    work = Workload(arch=load_arch("llama-2-7b"), strategy=f"zero{stage}", gpus_per_node=8,
-                    nodes=8)
+    work = Workload(arch=load_arch("llama-2-7b"), strategy=f"zero{stage}", gpus_per_node=8, nodes=8)
     ms = model_states(work)
     psi = work.arch.n_params
     assert ms.params + ms.grads + ms.optimizer == pytest.approx(
@@ -34,9 +33,16 @@ def test_zero_layouts_partition_model_states_like_the_paper(stage: int) -> None:
 
 @pytest.mark.parametrize(
     ("name", "billions"),
-    [("llama-2-7b", 6.738), ("llama-2-70b", 68.98), ("llama-3.1-8b", 8.030),
-     ("llama-3.1-405b", 405.85), ("mistral-7b-v0.3", 7.248), ("qwen2.5-7b", 7.616),
-     ("gemma-2-9b", 9.242), ("phi-3-mini-4k", 3.821)],
+    [
+        ("llama-2-7b", 6.738),
+        ("llama-2-70b", 68.98),
+        ("llama-3.1-8b", 8.030),
+        ("llama-3.1-405b", 405.85),
+        ("mistral-7b-v0.3", 7.248),
+        ("qwen2.5-7b", 7.616),
+        ("gemma-2-9b", 9.242),
+        ("phi-3-mini-4k", 3.821),
+    ],
 )
 def test_shipped_architectures_have_published_parameter_counts(name: str, billions: float):
     assert load_arch(name).n_params / 1e9 == pytest.approx(billions, rel=2e-3)
@@ -48,15 +54,18 @@ def test_hub_ids_and_local_directories_resolve(tmp_path) -> None:
         '{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, '
         '"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}'
     )
-    assert load_arch(str(tmp_path)).n_params == 2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128
-                                                                    + 2 * 64) + 64
-    with pytest.raises(ConfigError, match="nearest: llama-3.1-8b"):
+    assert (
+        load_arch(str(tmp_path)).n_params
+        == 2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+    )
+    with pytest.raises(ConfigError, match=r"nearest: llama-3\.1-8b"):
         load_arch("llama-3.1-8")
 
 
 def test_qlora_7b_base_is_about_5gb_and_fits_a_24gb_card() -> None:
-    work = Workload(arch=load_arch("llama-2-7b"), method="qlora", seq_len=512, micro_batch=1,
-                    grad_ckpt=True)
+    work = Workload(
+        arch=load_arch("llama-2-7b"), method="qlora", seq_len=512, micro_batch=1, grad_ckpt=True
+    )
     # QLoRA paper: ~4.1 bits per weight; bf16 embeddings, norms and lm_head on top.
     assert 3.5 * GB < work.base_param_bytes() < 5.0 * GB
     report = make_plan(work, get_gpu("rtx4090"), micro_given=True)
@@ -72,8 +81,7 @@ def test_full_finetuning_7b_needs_sharding_beyond_one_80gb_card() -> None:
 
 
 def test_large_vocabulary_logits_dominate_long_sequences() -> None:
-    work = Workload(arch=load_arch("llama-3.1-8b"), method="lora", seq_len=8192,
-                    grad_ckpt=True)
+    work = Workload(arch=load_arch("llama-3.1-8b"), method="lora", seq_len=8192, grad_ckpt=True)
     b = analytic(work)
     assert b.phase == "loss"
     # fp32 log-softmax, its gradient and the input gradient: 12 bytes x vocab x tokens.
@@ -100,15 +108,21 @@ def test_micro_batch_divides_the_global_batch() -> None:
 
 
 def test_unsupported_layout_suggests_the_nearest_that_fits() -> None:
-    work = Workload(arch=load_arch("llama-2-7b"), method="qlora", strategy="zero3-offload",
-                    seq_len=512, grad_ckpt=True)
-    with pytest.raises(ConfigError, match="not supported.*nearest layout that fits: "):
+    work = Workload(
+        arch=load_arch("llama-2-7b"),
+        method="qlora",
+        strategy="zero3-offload",
+        seq_len=512,
+        grad_ckpt=True,
+    )
+    with pytest.raises(ConfigError, match=r"not supported.*nearest layout that fits: "):
         make_plan(work, get_gpu("rtx4090"))
 
 
 def test_a_model_that_fits_nowhere_says_what_would() -> None:
-    work = Workload(arch=load_arch("llama-3.1-405b"), strategy="zero3", gpus_per_node=8,
-                    seq_len=4096)
+    work = Workload(
+        arch=load_arch("llama-3.1-405b"), strategy="zero3", gpus_per_node=8, seq_len=4096
+    )
     report = make_plan(work, get_gpu("h100"), micro_given=True)
     assert not report.fits and not any(o.fits for o in report.layouts)
     assert "fits no layout" in report.message and "--grad-ckpt" in report.message
@@ -126,8 +140,14 @@ def test_bad_workloads_are_one_line_config_errors() -> None:
 def test_any_shipped_model_plans_in_under_half_a_second() -> None:
     gpu = get_gpu("h100")
     for name in shipped_archs():
-        work = Workload(arch=load_arch(name), strategy="zero3", gpus_per_node=8, nodes=4,
-                        seq_len=4096, grad_ckpt=True)
+        work = Workload(
+            arch=load_arch(name),
+            strategy="zero3",
+            gpus_per_node=8,
+            nodes=4,
+            seq_len=4096,
+            grad_ckpt=True,
+        )
         start = time.perf_counter()
         make_plan(work, gpu)
         assert time.perf_counter() - start < 0.5, name

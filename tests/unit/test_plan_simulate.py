@@ -19,8 +19,12 @@ GRID = pytest.mark.skipif(
 )
 TOLERANCE = 0.10  # the bound; the goal is 0.05 and the measured error is < 1 %
 SMALL = {  # ~19M parameters: a real Llama, randomly initialized from its config
-    "model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
     "vocab_size": 32000,
 }
 
@@ -30,8 +34,9 @@ def _close(estimate: float, truth: float, tolerance: float = TOLERANCE) -> bool:
 
 
 def _check_7b(name: str, method: str, seq: int, mb: int, ckpt: bool) -> None:
-    work = Workload(arch=load_arch(name), method=method, seq_len=seq, micro_batch=mb,
-                    grad_ckpt=ckpt)
+    work = Workload(
+        arch=load_arch(name), method=method, seq_len=seq, micro_batch=mb, grad_ckpt=ckpt
+    )
     sim = simulate(work)
     assert sim.layers_simulated == [2, 3]
     assert _close(analytic(work).tensor_peak, sim.total), (work, sim.peak)
@@ -49,8 +54,15 @@ def test_analytic_matches_simulated_7b(name: str, method: str, seq: int, mb: int
 @GRID
 @pytest.mark.parametrize(
     ("name", "method", "seq", "mb", "ckpt"),
-    list(itertools.product(("llama-2-7b", "llama-3.1-8b"), ("full", "lora"), (2048, 4096),
-                           (1, 2, 3, 4), (False, True))),
+    list(
+        itertools.product(
+            ("llama-2-7b", "llama-3.1-8b"),
+            ("full", "lora"),
+            (2048, 4096),
+            (1, 2, 3, 4),
+            (False, True),
+        )
+    ),
 )
 def test_analytic_matches_simulated_7b_grid(name, method, seq, mb, ckpt) -> None:
     _check_7b(name, method, seq, mb, ckpt)
@@ -66,8 +78,15 @@ def test_extrapolation_equals_full_depth() -> None:
 
 def _measured_vs_estimates(method: str, precision: str, seq: int, mb: int, ckpt: bool) -> None:
     arch = arch_from_config(SMALL, "llama-19m")
-    work = Workload(arch=arch, method=method, precision=precision, seq_len=seq,
-                    micro_batch=mb, grad_ckpt=ckpt, device="cpu")
+    work = Workload(
+        arch=arch,
+        method=method,
+        precision=precision,
+        seq_len=seq,
+        micro_batch=mb,
+        grad_ckpt=ckpt,
+        device="cpu",
+    )
     trainable = work.n_trainable_layers  # real tensors, a real step, every layer
     phases = simulate_depth(work, trainable, arch.layers - trainable, fake=False)
     measured = max(sum(p.values()) for p in phases.values())
@@ -75,8 +94,9 @@ def _measured_vs_estimates(method: str, precision: str, seq: int, mb: int, ckpt:
     assert _close(analytic(work).tensor_peak, measured)
 
 
-@pytest.mark.parametrize(("method", "precision", "ckpt"), [("full", "fp32", False),
-                                                           ("lora", "bf16", True)])
+@pytest.mark.parametrize(
+    ("method", "precision", "ckpt"), [("full", "fp32", False), ("lora", "bf16", True)]
+)
 def test_estimates_match_a_real_step_on_cpu(method: str, precision: str, ckpt: bool) -> None:
     _measured_vs_estimates(method, precision, seq=128, mb=2, ckpt=ckpt)
 
@@ -85,8 +105,11 @@ def test_estimates_match_a_real_step_on_cpu(method: str, precision: str, ckpt: b
 @GRID
 @pytest.mark.parametrize(
     ("method", "precision", "seq", "mb", "ckpt"),
-    list(itertools.product(("full", "freeze", "lora", "qlora"), ("fp32", "bf16"), (128, 512),
-                           (1, 4), (False, True))),
+    list(
+        itertools.product(
+            ("full", "freeze", "lora", "qlora"), ("fp32", "bf16"), (128, 512), (1, 4), (False, True)
+        )
+    ),
 )
 def test_estimates_match_a_real_step_on_cpu_grid(method, precision, seq, mb, ckpt) -> None:
     if method != "full" and precision == "fp32":

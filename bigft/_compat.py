@@ -1,0 +1,71 @@
+"""Workarounds for upstream quirks, each with its symptom, a version guard and a test.
+
+No other bigft module patches a library; when an upstream release fixes a quirk, its
+shim here is deleted together with its test.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# bitsandbytes releases whose Linear4bit repacks its weights for a CPU inference kernel
+# (the repack arrived in 0.48); the upper bound is the newest release checked.
+_BNB_REPACK_RANGE = ((0, 48), (0, 50))
+
+
+def _version_tuple(package: str) -> tuple[int, ...] | None:
+    try:
+        text = version(package)
+    except PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def disable_bnb_cpu_repack(model: Any) -> int:
+    """Stop bitsandbytes' `Linear4bit` from repacking its weights for CPU inference.
+
+    Upstream symptom (bitsandbytes 0.48–0.50, CPUs with AVX512-BF16): a forward pass in
+    eval mode under `torch.no_grad()` — any evaluation during training — makes each
+    `Linear4bit` convert `weight.data` in place to a packed layout for a faster CPU
+    inference kernel, and never converts it back. Afterwards training gradients are
+    silently wrong (torch warns that `gemv_4bit` has no autograd kernel),
+    `dequantize_4bit` and merging give garbage, and layers whose out-features are not a
+    multiple of 32 crash with `N must be divisible by block_n`.
+
+    Clearing each layer's `support_avx512bf16_for_cpu` flag keeps the training layout;
+    eval then runs the ordinary (slower, correct) kernel. Returns the layers changed.
+    Outside the checked version range it still applies where the flag exists, with a
+    warning so the shim is re-checked and removed once upstream is fixed.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)
+    ]
+    if not layers:
+        return 0
+    found = _version_tuple("bitsandbytes")
+    low, high = _BNB_REPACK_RANGE
+    if found is not None and not (low <= found <= high):
+        log.warning(
+            "bitsandbytes %s is outside the range checked for the CPU repack quirk (%s-%s); "
+            "re-check bigft._compat.disable_bnb_cpu_repack",
+            ".".join(map(str, found)),
+            ".".join(map(str, low)),
+            ".".join(map(str, high)),
+        )
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)

@@ -1,0 +1,84 @@
+"""bigft._compat: each shim fixes its upstream symptom, and the symptom is real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 10, 50, 51, 52, 10, 60, 61]])
+
+
+def _qlora_model(tiny_base: Path) -> Any:
+    """The tiny base loaded in 4 bits the way training loads it, with LoRA adapters."""
+    from bigft.config import Config
+    from bigft.methods import apply_method
+    from bigft.model import load_model
+
+    cfg = Config.model_validate(
+        {
+            "model": {"name_or_path": str(tiny_base)},
+            "data": {"train": "unused.jsonl"},
+            "method": {"name": "qlora", "quant": {"compute_dtype": "float32"},
+                       "lora": {"dropout": 0.0}},
+            "output_dir": "unused",
+        }
+    )
+    model = apply_method(load_model(cfg.model, quant=cfg.method.quant), cfg)
+    for name, param in model.named_parameters():  # non-zero B so base grads matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def _grads(model: Any) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _eval_pass(model: Any) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+
+
+def test_gradients_after_an_eval_pass_equal_those_before(tiny_base) -> None:
+    model = _qlora_model(tiny_base)  # load_model applied disable_bnb_cpu_repack
+    before = _grads(model)
+    _eval_pass(model)
+    after = _grads(model)
+    assert before.keys() == after.keys() and before
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+
+
+def test_without_the_shim_an_eval_pass_corrupts_gradients(tiny_base) -> None:
+    """Proves the test above can fail: the upstream repack is live on this CPU."""
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model = _qlora_model(tiny_base)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # what bitsandbytes sets by itself
+    before = _grads(model)
+    _eval_pass(model)
+    after = _grads(model)
+    assert any(not torch.allclose(after[n], before[n], atol=1e-4) for n in before)
+
+
+def test_shim_changes_only_repacking_layers(tiny_base) -> None:
+    from bigft._compat import disable_bnb_cpu_repack
+
+    model = _qlora_model(tiny_base)
+    assert disable_bnb_cpu_repack(model) == 0  # already applied at load
+    assert disable_bnb_cpu_repack(torch.nn.Linear(4, 4)) == 0
