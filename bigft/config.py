@@ -138,7 +138,7 @@ class LoraConfig(Section):
     """Low-rank adapters (peft) for method lora, dora and qlora."""
 
     r: int = Field(16, gt=0, description="Adapter rank.")
-    alpha: float = Field(32.0, gt=0, description="Scale numerator: update = alpha/r x B·A.")
+    alpha: int = Field(32, gt=0, description="Scale numerator: update = alpha/r x B·A.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",

@@ -46,7 +46,9 @@ class BatchLayout:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
 
-def batch_layout(train: TrainConfig, world_size: int, micro_batch_size: int | None = None) -> BatchLayout:
+def batch_layout(
+    train: TrainConfig, world_size: int, micro_batch_size: int | None = None
+) -> BatchLayout:
     """Derive gradient accumulation from global_batch_size (or take it as given)."""
     micro = micro_batch_size or train.micro_batch_size
     if micro == "auto":
@@ -145,6 +147,40 @@ def _merge_user_deepspeed(path: str, generated: dict[str, Any]) -> dict[str, Any
     for key in owned:
         merged[key] = generated[key]
     return merged
+
+
+def adopt_launcher_strategy(parallel: ParallelConfig) -> None:
+    """`accelerate launch --config_file launch/accelerate/zero3.yaml` picks the engine
+    through environment variables. A config that leaves parallel.strategy unset follows
+    the launcher; one that sets a different strategy is an error, not a silent choice."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        launched = f"zero{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        launched = "fsdp2"
+    else:
+        return
+    if "strategy" in parallel.model_fields_set and parallel.strategy != launched:
+        raise ConfigError(
+            f"parallel.strategy is {parallel.strategy} but the accelerate config launched "
+            f"{launched}; make them agree (or drop parallel.strategy to follow the launcher)"
+        )
+    parallel.strategy = launched  # type: ignore[assignment]
+    if env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu":
+        parallel.offload_optimizer = True
+    if env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu":
+        parallel.offload_params = True
+    # bigft generates the whole engine config from its own YAML; accelerate refuses to
+    # build it while the launcher's per-key variables are also set.
+    for key in list(env):
+        owned = (
+            "ACCELERATE_MIXED_PRECISION",
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+            "ACCELERATE_GRADIENT_CLIPPING",
+            "ACCELERATE_CONFIG_DS_FIELDS",
+        )
+        if key.startswith("ACCELERATE_DEEPSPEED_") or key in owned:
+            del env[key]
 
 
 def _cpu_process_group() -> None:

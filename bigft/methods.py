@@ -12,6 +12,7 @@ import logging
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from bigft.config import Config, LoraConfig, MethodConfig
@@ -43,7 +44,7 @@ def layer_index(param_name: str, layers_attr: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def apply_freezing(model: nn.Module, cfg: MethodConfig) -> None:
+def apply_freezing(model: Any, cfg: MethodConfig) -> None:
     """method freeze: train everything except the embeddings and/or the lowest layers.
 
     `train_top_layers: N` is the same as freezing the embeddings and the first L-N layers
@@ -119,10 +120,15 @@ def apply_checkpointing(model: Any, cfg: MethodConfig) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise BigftError(f"{type(base).__name__} does not support gradient checkpointing")
     every = cfg.checkpoint_every_k if cfg.gradient_checkpointing == "every_k" else 1
+    # Without an accelerator activations already live in host memory (and torch's
+    # save_on_cpu would ask for pinned memory, which needs one).
+    offload = cfg.offload_activations and torch.cuda.is_available()
+    if cfg.offload_activations and not offload:
+        log.info("offload_activations: no GPU, activations are in host memory already")
     base.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False},
         every_n_layers=every or 1,
-        offload=cfg.offload_activations,
+        offload=offload,
     )
     base.enable_input_require_grads()
 

@@ -33,6 +33,7 @@ from bigft.data import (
     prompt_and_reference,
 )
 from bigft.distributed import (
+    adopt_launcher_strategy,
     BatchLayout,
     batch_layout,
     build_accelerator,
@@ -76,6 +77,7 @@ class Run:
 def setup(cfg: Config, console: Console | None = None) -> Run:
     """Validate and build everything; only then create the run directory."""
     console = console or Console(stderr=True)
+    adopt_launcher_strategy(cfg.parallel)
     layout = batch_layout(cfg.train, world_size_from_env())
     accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
     if accelerator.num_processes != layout.world_size:

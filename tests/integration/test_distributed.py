@@ -82,8 +82,13 @@ def test_engine_trains_shards_exports_and_resumes(strategy: str, run_config: Pat
 
     # interrupted after 3 steps, resumed to 6: same final weights
     part = root / "resumed"
-    first = launch(run_config, f"parallel.strategy={strategy}", f"output_dir={part}",
-                   "train.steps=3", "checkpoint.every_steps=3")
+    first = launch(
+        run_config,
+        f"parallel.strategy={strategy}",
+        f"output_dir={part}",
+        "train.steps=3",
+        "checkpoint.every_steps=3",
+    )
     assert first["steps"] == 3
     resumed = launch(run_config, f"parallel.strategy={strategy}", f"output_dir={part}")
     assert resumed["steps"] == 6
@@ -99,7 +104,9 @@ def test_engine_trains_shards_exports_and_resumes(strategy: str, run_config: Pat
 def test_zero2_with_optimizer_offload(run_config: Path) -> None:
     out = run_config.parent / "zero2-offload"
     summary = launch(
-        run_config, "parallel.strategy=zero2", "parallel.offload_optimizer=true",
+        run_config,
+        "parallel.strategy=zero2",
+        "parallel.offload_optimizer=true",
         f"output_dir={out}",
     )
     assert summary["world_size"] == 2
@@ -117,3 +124,64 @@ def test_resume_on_other_world_size(run_config: Path, tmp_path: Path) -> None:
     launch(run_config, f"output_dir={out}", "train.steps=3", "checkpoint.every_steps=3")
     summary = launch(run_config, f"output_dir={out}", nproc=1)
     assert summary["steps"] == 6 and summary["world_size"] == 1
+
+
+LAUNCH = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    ("file", "strategy"), [("ddp", "ddp"), ("zero3-offload", "zero3"), ("fsdp2", "fsdp2")]
+)
+def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Path) -> None:
+    """The shipped accelerate configs select the engine; bigft's YAML leaves it unset."""
+    out = run_config.parent / f"accelerate-{file}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(LAUNCH / f"{file}.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "bigft",
+        "train",
+        str(run_config),
+        f"output_dir={out}",
+        "train.steps=2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    for key, value in EXPECTED[strategy].items():
+        assert summary["engine"][key] == value, (key, summary["engine"])
+    ranks = summary["weights_sha256_per_rank"]
+    assert ranks[0] == ranks[1]
+    if file == "zero3-offload":
+        resolved = (out / "config.yaml").read_text()
+        assert "offload_optimizer: true" in resolved and "offload_params: true" in resolved
+
+
+def test_launcher_and_config_disagree(run_config: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(LAUNCH / "fsdp2.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "bigft",
+        "train",
+        str(run_config),
+        "parallel.strategy=zero2",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "parallel.strategy is zero2 but the accelerate config launched fsdp2" in proc.stderr
+    assert not (tmp_path / "out").exists()

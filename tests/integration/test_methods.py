@@ -26,14 +26,25 @@ IDS = torch.tensor([[1, 40, 41, 42, 43, 10, 50, 51, 52, 10]])
 MARGIN = {"full": 1.5, "freeze": 1.5, "lora": 0.25, "dora": 0.25, "qlora": 0.25}
 
 METHODS = {
-    "full": ["optim.layer_decay=0.8", "method.gradient_checkpointing=every_k",
-             "method.checkpoint_every_k=2"],
-    "freeze": ["method.name=freeze", "method.freeze_embeddings=true",
-               "method.freeze_first_layers=1"],
+    "full": [
+        "optim.layer_decay=0.8",
+        "method.gradient_checkpointing=every_k",
+        "method.checkpoint_every_k=2",
+    ],
+    "freeze": [
+        "method.name=freeze",
+        "method.freeze_embeddings=true",
+        "method.freeze_first_layers=1",
+    ],
     "lora": ["method.name=lora", "optim.lr=1e-2", "train.steps=60"],
     "dora": ["method.name=dora", "optim.lr=1e-2", "train.steps=60"],
-    "qlora": ["method.name=qlora", "optim.lr=1e-2", "train.steps=60", "method.quant.compute_dtype=float32",
-              "method.gradient_checkpointing=full"],
+    "qlora": [
+        "method.name=qlora",
+        "optim.lr=1e-2",
+        "train.steps=60",
+        "method.quant.compute_dtype=float32",
+        "method.gradient_checkpointing=full",
+    ],
 }
 
 
@@ -46,8 +57,11 @@ def _shape(tiny_base: Path) -> dict[str, int]:
     c = json.loads((tiny_base / "config.json").read_text())
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     return {
-        "V": c["vocab_size"], "H": c["hidden_size"], "I": c["intermediate_size"],
-        "L": c["num_hidden_layers"], "KV": c["num_key_value_heads"] * head_dim,
+        "V": c["vocab_size"],
+        "H": c["hidden_size"],
+        "I": c["intermediate_size"],
+        "L": c["num_hidden_layers"],
+        "KV": c["num_key_value_heads"] * head_dim,
     }
 
 
@@ -78,7 +92,6 @@ def test_method_trains_and_counts_are_exact(method, tiny_base, data_file, tmp_pa
     run = setup(cfg)
     trainable, _ = count_parameters(run.model)
     assert trainable == expected_trainable(method, tiny_base)
-    first = None
     summary = train(run)
     first = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
     start, end = first["eval_loss"], summary["validation"]["eval_loss"]
@@ -170,9 +183,16 @@ def test_qlora_resume_reproduces_uninterrupted_run(tiny_base, data_file, tmp_pat
 
     def adapter_weights(out: Path, interrupt: bool) -> dict[str, torch.Tensor]:
         cfg = _cfg(
-            tiny_base, data_file, tmp_path,
-            [*METHODS["qlora"], "train.steps=6", "eval.at_start=false", f"output_dir={out}",
-             "checkpoint.every_steps=100"],
+            tiny_base,
+            data_file,
+            tmp_path,
+            [
+                *METHODS["qlora"],
+                "train.steps=6",
+                "eval.at_start=false",
+                f"output_dir={out}",
+                "checkpoint.every_steps=100",
+            ],
         )
         if interrupt:
             assert train(setup(cfg), stop_after=3)["stopped"]

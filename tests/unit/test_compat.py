@@ -24,8 +24,11 @@ def _qlora_model(tiny_base: Path) -> Any:
         {
             "model": {"name_or_path": str(tiny_base)},
             "data": {"train": "unused.jsonl"},
-            "method": {"name": "qlora", "quant": {"compute_dtype": "float32"},
-                       "lora": {"dropout": 0.0}},
+            "method": {
+                "name": "qlora",
+                "quant": {"compute_dtype": "float32"},
+                "lora": {"dropout": 0.0},
+            },
             "output_dir": "unused",
         }
     )

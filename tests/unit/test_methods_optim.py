@@ -57,9 +57,11 @@ def test_typo_in_method_section_names_the_nearest_key(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
         "model: {name_or_path: m}\ndata: {train: t.jsonl}\noutput_dir: o\n"
-        "method:\n  name: lora\n  lora: {rank: 8}\n"
+        "method:\n  name: lora\n  lora: {alpah: 8}\n"
     )
-    with pytest.raises(ConfigError, match=r"c.yaml:6: method.lora.rank: unknown key.*'r'"):
+    with pytest.raises(
+        ConfigError, match=r"c.yaml:6: method.lora.alpah: unknown key; did you mean 'alpha'"
+    ):
         load_config(path)
 
 
@@ -102,8 +104,12 @@ def test_adapter_lr_decays_with_its_layer(tiny_model: torch.nn.Module) -> None:
         tiny_model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
     )
     groups = param_groups(model, 0.0, LrRules(lr=1.0, layer_decay=0.5, lr_adapters=4.0))
-    lr_of = {n: g["lr"] for g in groups for n, p in model.named_parameters()
-             if any(p is q for q in g["params"])}
+    lr_of = {
+        n: g["lr"]
+        for g in groups
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
     assert lr_of["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"] == 2.0
     assert lr_of["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"] == 1.0
     model.unload()
