@@ -185,3 +185,47 @@ def test_launcher_and_config_disagree(run_config: Path, tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "parallel.strategy is zero2 but the accelerate config launched fsdp2" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_two_nodes_on_one_machine(run_config: Path) -> None:
+    """Two launchers, --nnodes 2, c10d rendezvous on localhost: one job of world size 2."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run_config.parent / "two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bigft",
+                "launch",
+                str(run_config),
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                f"output_dir={out}",
+                "train.steps=2",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["weights_sha256_per_rank"][0] == summary["weights_sha256_per_rank"][1]
