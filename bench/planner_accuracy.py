@@ -46,7 +46,7 @@ SMALL = {
         num_key_value_heads=2,
         vocab_size=32000,
     ),
-    "llama-52m": dict(
+    "llama-50m": dict(
         hidden_size=512,
         intermediate_size=1376,
         num_hidden_layers=6,

@@ -238,9 +238,27 @@ def build_accelerator(
             _cpu_process_group()
     elif cpu:
         # Under torchrun a plain Accelerator() on CPU makes every process rank 0 of 1.
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
         kwargs["cpu"] = True
-    return Accelerator(**kwargs)
+    if strategy != "ddp":
+        # ACCELERATE_USE_CPU silently turns DeepSpeed and FSDP into DDP.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+    accelerator = Accelerator(**kwargs)
+    _check_engine(accelerator, strategy)
+    return accelerator
+
+
+def _check_engine(accelerator: Accelerator, strategy: str) -> None:
+    """Refuse to run a different engine than the one asked for."""
+    from accelerate.utils import DistributedType
+
+    expected = {"fsdp2": DistributedType.FSDP}.get(
+        strategy, DistributedType.DEEPSPEED if strategy.startswith("zero") else None
+    )
+    if expected is not None and accelerator.distributed_type != expected:
+        raise ConfigError(
+            f"parallel.strategy {strategy} was requested but accelerate set up "
+            f"{accelerator.distributed_type}; check ACCELERATE_* variables and the launcher"
+        )
 
 
 def check_fsdp_layers(model: Any, parallel: ParallelConfig) -> None:

@@ -81,6 +81,10 @@ def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
         bnb_4bit_compute_dtype=_DTYPES[quant.compute_dtype],
         bnb_4bit_quant_storage=getattr(torch, quant.quant_storage),
     )
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # ZeRO-3 places and partitions weights itself
+        return {"quantization_config": config}
     return {"quantization_config": config, "device_map": {"": device}}
 
 
@@ -122,6 +126,9 @@ def load_model(
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     def numel(p: torch.nn.Parameter) -> int:
+        quant_state = getattr(p, "quant_state", None)  # 4-bit: 2+ values per stored element
+        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+            return int(quant_state.shape.numel())
         return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params are partitioned
 
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)

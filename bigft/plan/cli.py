@@ -44,7 +44,7 @@ def plan(
     ),
     lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank."),
     optimizer: str | None = typer.Option(
-        None, help="adamw | adamw8bit | paged_adamw8bit | adafactor | sgd."
+        None, help="adamw | adamw_8bit | paged_adamw_8bit | adafactor | sgd."
     ),
     attn: str | None = typer.Option(
         None, "--attn", help="sdpa | flash_attention_2 | eager (default: the config's, sdpa)."

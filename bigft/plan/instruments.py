@@ -78,7 +78,12 @@ def nf4_linear_class() -> Any:
             self.bias = base.bias
 
         def forward(self, x: Any) -> Any:
-            out = Dequant.apply(x, self.weight, (self.out_features, self.in_features))
-            return out if self.bias is None else out + self.bias
+            # Linear4bit: compute in bf16, hand back the input's dtype.
+            dtype = x.dtype
+            out = Dequant.apply(
+                x.to(torch.bfloat16), self.weight, (self.out_features, self.in_features)
+            )
+            out = out if self.bias is None else out + self.bias.to(out.dtype)
+            return out.to(dtype)
 
     return NF4Linear

@@ -3,8 +3,14 @@
 Every term below is a tensor that autograd saves for backward (or a transient at a peak),
 for the Llama-style layer transformers runs (RMSNorm, rotary q/k, sdpa / flash / eager
 attention, gated MLP), under the dtype rules in `workload.py`. Sizes are per token unless
-noted; `c` is the compute dtype's bytes, `r` the residual stream's. The counts were derived
-from the modelling code and checked term by term against the simulator (tests pin them).
+noted. What decides them is the dtype each tensor arrives in:
+
+- the residual stream is fp32 when the weights it comes from are (r = 4), else bf16;
+- under autocast a linear casts an fp32 input (a copy per linear) and returns bf16; a
+  4-bit bitsandbytes linear returns its input's dtype; without autocast, the weights'.
+
+The counts were derived from the modelling code and are pinned by tests against the
+simulator and against real steps.
 """
 
 from __future__ import annotations
@@ -18,21 +24,19 @@ from bigft.plan.workload import Workload
 class StepActivations:
     """Activation terms of one step for one micro-batch, in bytes."""
 
-    layer: float  # saved per trainable layer between forward and its backward
+    all_layers: float  # saved by every active layer between forward and its backward
+    layer: float  # saved by the top layer (the first to run backward)
     layer_bw: float  # extra when a layer's backward starts (recompute + gradients in flight)
+    bottom_layer: float  # saved by the bottom active layer (the last to run backward)
+    bottom_bw: float  # extra when the bottom layer's backward starts
     shared: float  # rotary cos/sin and the mask: alive until the bottom layer is done
-    n_layers: int  # layers that keep activations (trainable ones)
-    bottom_saving: float  # the bottom trainable layer saves less when its input needs no grad
-    base: float  # shared tensors: rotary cos/sin, mask, final norm, lm_head input
+    bottom_saving: float  # the bottom layer saves less when its input needs no grad
+    base: float  # shared + final norm and lm_head inputs
     fwd_extra: float  # alive only at the end of forward (autocast weight cache, logits)
     loss_peak: float  # cross-entropy backward: fp32 log-softmax, its gradient, input grad
     head_bw: float  # lm_head backward: logits gradient and the weight gradient's temporary
-    head_saved: float  # lm_head's saved input and cached weight, freed after its matmul
+    head_saved: float  # lm_head's saved input and weight copy, freed after its matmul
     head_wgrad_temp: float  # bf16 weight gradient before its cast to the fp32 .grad
-
-    @property
-    def all_layers(self) -> float:
-        return self.n_layers * self.layer - self.bottom_saving
 
 
 def _norm(r: int, h: int, trainable_weight: bool) -> float:
@@ -41,29 +45,34 @@ def _norm(r: int, h: int, trainable_weight: bool) -> float:
     return 4 * h + 4 + ((4 if r == 4 else 2) * h if trainable_weight else 0)
 
 
+def _out_bytes(work: Workload, x_bytes: int) -> int:
+    """dtype bytes a base linear returns for an input of `x_bytes`."""
+    if work.method == "qlora":
+        return x_bytes  # bitsandbytes computes in bf16 and casts back to the input dtype
+    return 2 if work.autocast else work.compute_bytes
+
+
 def _linear_inputs(
     work: Workload, d_in: int, names: tuple[str, ...], x_bytes: int, shared: bool
 ) -> float:
-    """Inputs saved by a group of linears reading the same tensor (q/k/v, gate/up, ...).
-
-    `shared`: the input is already saved by someone else (sdpa's output for o_proj).
-    """
-    cast = work.autocast and x_bytes == 4
+    """Per-token bytes saved for a group of linears reading one tensor (q/k/v, gate/up,
+    o, down). `shared`: the input is already saved by someone else (sdpa's output)."""
     total = 0.0
     if not work.adapters:
-        if cast:  # autocast casts the fp32 input once per linear, each keeps its copy
+        if work.autocast and x_bytes == 4:  # autocast casts fp32 per linear; each keeps it
             total += len(names) * 2 * d_in
         elif not shared:
             total += x_bytes * d_in
         return total
-    adapted = [n for n in names if n in work.lora_targets]
     a_b = work.adapter_bytes
+    adapted = [n for n in names if n in work.lora_targets]
     for _ in adapted:
-        # peft casts x to the adapter dtype, dropout keeps a bool mask, lora_A keeps its
-        # input (a bf16 autocast copy of an fp32 tensor), lora_B keeps lora_A's output.
+        # peft casts x to the adapter dtype; dropout keeps a mask (bool on CUDA, fp32 on
+        # CPU); lora_A keeps its input (autocast's bf16 copy of an fp32 one); lora_B keeps
+        # lora_A's output.
         x_a = a_b if x_bytes != a_b else x_bytes
         if work.lora_dropout > 0:
-            total += (4 if work.device == "cpu" else 1) * d_in  # CUDA's mask is bool
+            total += (4 if work.device == "cpu" else 1) * d_in
         if work.autocast and x_a == 4:
             total += 2 * d_in
         elif work.lora_dropout > 0 or x_a != x_bytes:
@@ -74,42 +83,43 @@ def _linear_inputs(
     return total
 
 
-def _attention(work: Workload) -> float:
+def _attention(work: Workload, qkv_bytes: int) -> float:
     """Tensors the attention kernel keeps (q, k, v, output, log-sum-exp, mask copy)."""
-    a, c = work.arch, work.compute_bytes
+    a, r = work.arch, work.residual_bytes
     q, kv, heads, kvh, s = a.q_dim, a.kv_dim, a.heads, a.kv_heads, work.seq_len
-    cast = work.autocast and work.residual_bytes == 4  # rotary made q/k fp32
+    rope = max(qkv_bytes, r)  # q and k after rotary (cos/sin come in the residual's dtype)
+    att = 2 if work.autocast else rope  # autocast runs attention in bf16
     if work.attn == "flash_attention_2":
-        return c * (2 * q + 2 * kv) + 4 * heads
+        return att * (2 * q + 2 * kv) + 4 * heads
     # sdpa / eager with a mask (packed or padded rows): transformers repeats k and v to
     # every head; a one-head repeat is a view unless a dtype cast materializes it.
-    k = q if kvh < heads and (kvh > 1 or cast) else kv
-    v = q if 1 < kvh < heads else kv
+    k = q if kvh < heads and (kvh > 1 or rope != att) else kv
+    v = q if kvh < heads and (kvh > 1 or qkv_bytes != att) else kv
     if work.attn == "eager":
-        scores = (4 + c) * heads * s  # fp32 softmax output and its compute-dtype copy
-        return c * (2 * q + k + v) + scores
-    return c * (2 * q + k + v) + 4 * heads + c * s  # sdpa converts the bool mask per call
+        scores = (4 + att) * heads * s  # fp32 softmax output and its compute-dtype copy
+        return att * (2 * q + k + v) + scores
+    return att * (2 * q + k + v) + 4 * heads + att * s  # sdpa converts the mask per call
 
 
-def layer_bytes_per_token(work: Workload, input_needs_grad: bool = True) -> float:
+def layer_bytes_per_token(work: Workload) -> float:
     """Saved activations of one layer without checkpointing, per token (weights apart)."""
-    a, c, r = work.arch, work.compute_bytes, work.residual_bytes
+    a, r = work.arch, work.residual_bytes
     h, i = a.hidden, a.intermediate
     full = not work.adapters
-    norms = a.norms_per_layer * _norm(r, h, full)
-    if not input_needs_grad:
-        norms -= 4 * h + 4
-    qkv = _linear_inputs(work, h, ("q_proj", "k_proj", "v_proj"), r, shared=False)
-    o = _linear_inputs(work, a.q_dim, ("o_proj",), c, shared=work.attn != "eager")
-    gate_up = _linear_inputs(work, h, ("gate_proj", "up_proj"), r, shared=False)
-    down = _linear_inputs(work, i, ("down_proj",), c, shared=False)
-    mlp = 3 * c * i  # gate output (activation input), activation output, up output
-    extra = 0.0
+    qkv_out = _out_bytes(work, r)
+    att_out = 2 if work.autocast else max(qkv_out, r)
+    mlp_out = _out_bytes(work, r)  # gate / up outputs, and the down projection's input
+    total = a.norms_per_layer * _norm(r, h, full)
+    total += _linear_inputs(work, h, ("q_proj", "k_proj", "v_proj"), r, shared=False)
+    total += _attention(work, qkv_out)
+    total += _linear_inputs(work, a.q_dim, ("o_proj",), att_out, shared=work.attn != "eager")
+    total += _linear_inputs(work, h, ("gate_proj", "up_proj"), r, shared=False)
+    total += _linear_inputs(work, i, ("down_proj",), mlp_out, shared=False)
+    total += 3 * mlp_out * i  # gate output (the activation's input), its output, up output
     if work.method == "dora":
-        # DoRA keeps the base and the LoRA results of each adapted linear for the
-        # magnitude's gradient.
-        extra = sum(2 * c * a.linear_shapes()[t][1] for t in work.lora_targets)
-    return norms + qkv + _attention(work) + o + gate_up + down + mlp + extra
+        # DoRA keeps the base and LoRA results of each adapted linear for the magnitude.
+        total += sum(2 * mlp_out * a.linear_shapes()[t][1] for t in work.lora_targets)
+    return total
 
 
 def step_activations(work: Workload) -> StepActivations:
@@ -118,58 +128,58 @@ def step_activations(work: Workload) -> StepActivations:
     n = work.micro_batch * work.seq_len
     n_shift = work.micro_batch * (work.seq_len - 1)
     h, v = a.hidden, a.vocab
-    full = not work.adapters
-    cast_weights = work.autocast and work.base_weight_bytes == 4 and full
-    weight_cache = 2.0 * a.layer_linear_params if cast_weights else 0.0
-    adapter_cache = (
-        2.0 * work.adapter_params_per_layer() if work.adapters and work.autocast else 0.0
-    )
-    per_layer_full = layer_bytes_per_token(work) * n + weight_cache + adapter_cache
-    needs_grad = work.method == "full"
-    bottom = 0.0 if needs_grad else (4 * h + 4) * n
-    if work.adapters and work.lora_dropout > 0:
-        # No gradient flows into the bottom layer's input, so the dropouts in front of
-        # its q/k/v adapters keep no mask (everything after attention needs grads again).
-        mask = 4 if work.device == "cpu" else 1
-        qkv = [t for t in work.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
-        bottom += mask * n * h * len(qkv)
+    # Autocast's bf16 copies of fp32 weights: cached for trainable weights, saved by each
+    # matmul for frozen ones (they give the input's gradient). 4-bit weights have none.
+    fp32_autocast = work.autocast and work.base_weight_bytes == 4
+    weight_copy = 2.0 * a.layer_linear_params if fp32_autocast and work.method != "qlora" else 0
+    adapter_copy = 2.0 * work.adapter_params_per_layer() if work.adapters and work.autocast else 0
+    full_layer = layer_bytes_per_token(work) * n + weight_copy + adapter_copy
+    ckpt_layer = float(r * h * n)  # a checkpointed layer keeps only its input
+    n_active, n_ckpt = work.n_active_layers, work.n_ckpt_layers
+    all_layers = n_ckpt * ckpt_layer + (n_active - n_ckpt) * full_layer
+    top_is_ckpt = work.grad_ckpt and (a.layers - 1) % work.ckpt_every == 0
     dora_temp = _dora_transient(work)
-    if work.grad_ckpt:
-        layer = float(r * h * n)  # only the layer's input survives the forward
-        layer_bw = per_layer_full + _bw_transient(work, n) + dora_temp
-        fwd_extra = work.n_trainable_layers * weight_cache
-        bottom = 0.0
-    else:
-        layer = per_layer_full
-        layer_bw = _bw_transient(work, n)
-        fwd_extra = 0.0
+    bw = _bw_transient(work, n)
+    # The bottom active layer's input needs no gradient unless the embeddings train or
+    # checkpointing made it (enable_input_require_grads): its first norm and q/k/v keep less.
+    bottom = 0.0
+    needs_grad = work.method == "full" or (work.method == "freeze" and not work.freeze_embeddings)
+    bottom_ckpt = work.grad_ckpt and (a.layers - n_active) % work.ckpt_every == 0
+    if not needs_grad and not work.grad_ckpt:
+        bottom = (4 * h + 4) * n
+        if work.adapters and work.lora_dropout > 0:
+            qkv = [t for t in work.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
+            bottom += (4 if work.device == "cpu" else 1) * n * h * len(qkv)
+        if fp32_autocast and work.adapters and work.method != "qlora":
+            bottom += 2.0 * h * (a.q_dim + 2 * a.kv_dim)  # frozen q/k/v keep no weight copy
     head_trainable = work.method in ("full", "freeze")
     shared = 2 * a.head_dim * r * n  # rotary cos and sin, shared by every layer
     if work.attn != "flash_attention_2":
         shared += work.micro_batch * work.seq_len**2  # the bool block-diagonal mask
-    base = shared + _norm(r, h, head_trainable) * n
     head_saved = 0.0
     if head_trainable:
-        head_saved = (2 if cast_weights else r) * h * n
-        head_saved += 2.0 * v * h if cast_weights else 0.0  # lm_head's cached bf16 weight
-    base += head_saved
-    logits = c * v * n
+        head_saved = (2 if fp32_autocast else r) * h * n
+    if fp32_autocast:
+        head_saved += 2.0 * v * h  # lm_head's bf16 weight copy (cached, or kept for backward)
+    base = shared + _norm(r, h, head_trainable) * n + head_saved
+    logits = (2 if work.autocast else c) * v * n
+    cache = n_ckpt * weight_copy if work.method in ("full", "freeze") else 0.0
     # The end of forward holds the logits and accelerate's fp32 copy of them; DoRA's
     # weight rebuild peaks earlier, inside the last layer.
-    fwd_extra += max(logits + (4 * v * n if work.autocast else 0), dora_temp)
-    loss_peak = 12.0 * v * n_shift  # log-softmax output, its gradient, the input gradient
-    wgrad_temp = c * v * h if cast_weights and head_trainable else 0.0
-    head_bw = logits + wgrad_temp
+    fwd_extra = cache + max(logits + (4 * v * n if work.autocast else 0), dora_temp)
+    wgrad_temp = c * v * h if fp32_autocast and head_trainable else 0.0
     return StepActivations(
-        layer=layer,
-        layer_bw=layer_bw,
+        all_layers=all_layers - bottom,
+        layer=ckpt_layer if top_is_ckpt else full_layer,
+        layer_bw=bw + (full_layer + dora_temp if top_is_ckpt else 0.0),
+        bottom_layer=ckpt_layer if bottom_ckpt else full_layer - bottom,
+        bottom_bw=bw + (full_layer + dora_temp if bottom_ckpt else 0.0),
         shared=shared,
-        n_layers=work.n_trainable_layers,
         bottom_saving=bottom,
         base=base,
         fwd_extra=fwd_extra,
-        loss_peak=loss_peak,
-        head_bw=head_bw,
+        loss_peak=12.0 * v * n_shift,  # log-softmax output, its gradient, input gradient
+        head_bw=logits + wgrad_temp,
         head_saved=head_saved,
         head_wgrad_temp=wgrad_temp,
     )
@@ -178,10 +188,11 @@ def step_activations(work: Workload) -> StepActivations:
 def _bw_transient(work: Workload, n: int) -> float:
     """Gradients in flight when a layer's backward starts: the residual stream's gradient
     and the MLP's intermediate gradients (with adapters, also their fp32 grad paths)."""
-    a, c, r = work.arch, work.compute_bytes, work.residual_bytes
+    a, r = work.arch, work.residual_bytes
+    mlp = _out_bytes(work, r)
     if work.adapters:
-        return (4 * a.hidden + 3 * c * a.intermediate + 4 * a.q_dim) * n
-    return (r * a.hidden + c * a.intermediate) * n
+        return (4 * a.hidden + 3 * mlp * a.intermediate + 4 * a.q_dim) * n
+    return (r * a.hidden + mlp * a.intermediate) * n
 
 
 def _dora_transient(work: Workload) -> float:

@@ -54,12 +54,12 @@ def _optimizer_bytes(work: Workload, n: float, param_bytes: float) -> float:
     a = work.arch
     if work.optimizer == "adamw":
         return 2 * param_bytes * n
-    if work.optimizer in ("adamw8bit", "paged_adamw8bit"):
+    if work.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         return 2.0 * n + 2 * 4 * n / 2048  # 8-bit m and v, fp32 absmax per 2048-block
     if work.optimizer == "adafactor":
         # Factored second moment: one row and one column vector per matrix (no momentum).
         return 4.0 * n * (1 / a.hidden + 1 / max(a.intermediate, a.hidden))
-    return 0.0  # sgd without momentum
+    return param_bytes * n  # sgd: the momentum buffer
 
 
 def model_states(work: Workload) -> ModelStates:
@@ -150,11 +150,9 @@ def phase_breakdowns(work: Workload) -> dict[str, dict[str, float]]:
     )
     g_head = per_param_grad * head_t
     g_first = per_param_grad * (a.hidden * a.intermediate if not work.adapters else 0)
-    g_rest = per_param_grad * max(
-        n_t - layer_t - (a.embed_params if work.method == "full" else 0), 0
-    )
+    embed_trains = work.method == "full" or (work.method == "freeze" and not work.freeze_embeddings)
+    g_rest = per_param_grad * max(n_t - layer_t - (a.embed_params if embed_trains else 0), 0)
     gl = ms.gathered_layer
-    bottom = act.bottom_saving
     t_end = work.residual_bytes * a.hidden * work.micro_batch * work.seq_len
     fixed = {"params": ms.params, "optimizer": ms.optimizer, "buffers": ms.buffers}
     saved = act.all_layers + act.base
@@ -189,7 +187,7 @@ def phase_breakdowns(work: Workload) -> dict[str, dict[str, float]]:
         ),
         # Bottom layer's backward: the layers above already hold gradients.
         "post": max(
-            phase(g_rest + g_first, act.layer - bottom + act.shared + act.layer_bw, 0.0, gl),
+            phase(g_rest + g_first, act.bottom_layer + act.shared + act.bottom_bw, 0.0, gl),
             phase(g_rest + g_layer, act.shared + t_end, 0.0, gl),
             key=lambda p: sum(p.values()),
         ),

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bigft.errors import ConfigError
 from bigft.plan.instruments import nf4_linear_class, phase_tracker
 from bigft.plan.workload import Workload
 
@@ -92,7 +91,7 @@ def _apply_method(model: Any, work: Workload, n_frozen: int) -> Any:
                 p.data = p.data.to(torch.float32 if work.adapter_bytes == 4 else torch.bfloat16)
         return model
     if work.method == "freeze":
-        model.get_input_embeddings().requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(not work.freeze_embeddings)
         for layer in model.model.layers[:n_frozen]:
             layer.requires_grad_(False)
     return model
@@ -119,19 +118,16 @@ def _optimizer(model: Any, work: Workload) -> Any:
     from bigft.optim import param_groups
 
     groups = param_groups(model, 0.0)
+    # foreach is torch's default on CUDA; on CPU it must be asked for.
     if work.optimizer == "adamw":
-        # foreach is torch's default on CUDA; on CPU it must be asked for.
         return torch.optim.AdamW(groups, lr=1e-5, foreach=True)
     if work.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=1e-5, foreach=True)
+        return torch.optim.SGD(groups, lr=1e-5, momentum=0.9, foreach=True)
     if work.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(groups, lr=1e-5, relative_step=False, scale_parameter=False)
-    raise ConfigError(
-        f"--simulate does not support optimizer '{work.optimizer}' (8-bit "
-        "states need bitsandbytes CUDA kernels); use the analytic estimate"
-    )
+        return torch.optim.Adafactor(groups, lr=1e-2, foreach=True)
+    # bitsandbytes' 8-bit states need its kernels and real data: the step runs without
+    # states and `_apply_layout` adds them analytically.
+    return torch.optim.SGD(groups, lr=1e-5, foreach=True)
 
 
 def _layers(model: Any) -> Any:
@@ -167,8 +163,13 @@ def simulate_depth(
             model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
         else:
             model.to(device)
-        if work.grad_ckpt:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+        if work.grad_ckpt:  # as bigft.methods.apply_checkpointing does it
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False},
+                every_n_layers=work.ckpt_every,
+            )
+            base.enable_input_require_grads()
         model.train()
         if work.autocast:
             # What Accelerator.prepare does for mixed precision: autocast around forward
@@ -261,20 +262,22 @@ def _diff(a: Snap, b: Snap) -> Snap:
 
 
 def _extrapolate(
-    runs: dict[tuple[int, int], dict[str, Snap]], f: int, t: int, f0: int, t0: int
+    runs: dict[tuple[int, int], dict[str, Snap]], f: int, t: int, f0: int, t0: int, unit: int
 ) -> dict[str, Snap]:
-    """Phase peaks at (f frozen, t trainable) layers from shallow runs around (f0, t0)."""
+    """Phase peaks at (f frozen, t trainable) layers from shallow runs around (f0, t0),
+    growing by `unit` layers (k when every k-th layer is checkpointed)."""
     base = runs[(f0, t0)]
     zero = dict.fromkeys(KEYS, 0.0)
-    d_f = {p: _diff(runs[(f0 + 1, t0)][p], base[p]) for p in base} if f > f0 else {}
-    d_t = {p: _diff(runs[(f0, t0 + 1)][p], base[p]) for p in base} if t > t0 else {}
-    out = {p: _lin(base[p], (t - t0, d_t.get(p, zero)), (f - f0, d_f.get(p, zero))) for p in base}
-    if t >= 3 and "mid" in runs.get((f0, t0 + 1), {}):
+    d_f = {p: _diff(runs[(f0 + unit, t0)][p], base[p]) for p in base} if f > f0 else {}
+    d_t = {p: _diff(runs[(f0, t0 + unit)][p], base[p]) for p in base} if t > t0 else {}
+    steps_t, steps_f = (t - t0) / unit, (f - f0) / unit
+    out = {p: _lin(base[p], (steps_t, d_t.get(p, zero)), (steps_f, d_f.get(p, zero))) for p in base}
+    if unit == 1 and t >= 3 and "mid" in runs.get((f0, t0 + 1), {}):
         # A middle layer j (j layers below it, t-1-j above) sees j layers of activations
         # ('top' grows by those) and t-1-j layers of gradients ('post' grows by those).
         grow_act, grow_grad = d_t["top"], d_t["post"]
         mid3 = runs[(f0, t0 + 1)]["mid"]
-        base_mid = _lin(mid3, (-1, grow_act), (-1, grow_grad), (f - f0, d_f.get("mid", zero)))
+        base_mid = _lin(mid3, (-1, grow_act), (-1, grow_grad), (steps_f, d_f.get("mid", zero)))
         ends = [_lin(base_mid, (j, grow_act), (t - 1 - j, grow_grad)) for j in (1, t - 2)]
         out["mid"] = max(ends, key=lambda s: sum(s.values()))
     return out
@@ -293,8 +296,10 @@ def _apply_layout(work: Workload, phases: dict[str, Snap]) -> dict[str, Snap]:
     ms = model_states(work)
     out: dict[str, Snap] = {}
     if work.strategy == "ddp":
+        # 8-bit optimizers ran as plain SGD (no states): add their states.
+        states = ms.optimizer if work.optimizer.endswith("8bit") else 0.0
         for name, snap in phases.items():
-            out[name] = {**snap, "buffers": ms.buffers}
+            out[name] = {**snap, "buffers": ms.buffers, "optimizer": snap["optimizer"] + states}
         return out
     analytic = phase_breakdowns(work)
     twin = {"head": "loss", "top": "top", "mid": "top", "post": "post", "opt": "opt"}
@@ -308,26 +313,28 @@ def _apply_layout(work: Workload, phases: dict[str, Snap]) -> dict[str, Snap]:
 def simulate(work: Workload, full_depth: bool = False) -> SimResult:
     """Simulate one training step of `work` and return its per-phase peaks.
 
-    By default the step runs at 2-3 layers (3 runs for `freeze`, whose frozen layers grow
-    separately) and is extrapolated to the real depth; `full_depth` runs the real depth
-    once (tens of seconds for 7B, minutes for 70B).
+    By default the step runs at 2 and 3 layers (units of k layers when every k-th layer
+    is checkpointed; a third run for `freeze`, whose frozen layers grow separately) and is
+    extrapolated to the real depth; `full_depth` runs the real depth once (tens of seconds
+    for 7B, minutes for 70B).
     """
     start = time.perf_counter()
     total_t = work.n_trainable_layers
     total_f = work.arch.layers - total_t
-    if full_depth or total_t + total_f <= 3:
+    # Depths grow in units of the checkpointing period, so every run has the same pattern
+    # of checkpointed layers (0, k, 2k, ...).
+    unit = work.ckpt_every if work.grad_ckpt else 1
+    f0 = unit if total_f else 0
+    t0 = min(2 * unit, total_t)
+    if full_depth or total_t < t0 + unit or (total_f and total_f < f0 + unit):
         phases = simulate_depth(work, total_t, total_f)
         depths = [total_t + total_f]
     else:
-        f0 = 1 if total_f else 0
-        t0 = min(2, total_t)
-        wanted = [(f0, t0)]
-        if total_t > t0:
-            wanted.append((f0, t0 + 1))
+        wanted = [(f0, t0), (f0, t0 + unit)]
         if total_f > f0:
-            wanted.append((f0 + 1, t0))
+            wanted.append((f0 + unit, t0))
         runs = {(f, t): simulate_depth(work, t, f) for f, t in wanted}
-        phases = _extrapolate(runs, total_f, total_t, f0, t0)
+        phases = _extrapolate(runs, total_f, total_t, f0, t0, unit)
         depths = sorted({f + t for f, t in wanted})
     phases = _apply_layout(work, phases)
     peak = max(phases.values(), key=lambda s: sum(s.values()))
@@ -337,6 +344,8 @@ def simulate(work: Workload, full_depth: bool = False) -> SimResult:
             "CPU dropout keeps fp32 masks where CUDA keeps bool ones: the simulation "
             "counts 3 extra bytes per adapter input element"
         )
+    if work.optimizer.endswith("8bit"):
+        notes.append("8-bit optimizer states are analytic (bitsandbytes kernels need CUDA)")
     if work.strategy != "ddp" or work.world_size > 1:
         notes.append("one process simulated; sharded states and engine buffers are analytic")
     return SimResult(

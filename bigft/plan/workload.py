@@ -21,7 +21,9 @@ from bigft.plan.arch import LINEARS, ArchSpec
 
 METHODS = ("full", "freeze", "lora", "dora", "qlora")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "sgd")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
+# Spellings accepted for the optimizer (bitsandbytes' class names without underscores).
+OPTIMIZER_ALIASES = {"adamw8bit": "adamw_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Layouts bigft cannot run, with the reason shown to the user.
@@ -43,6 +45,7 @@ class Workload:
     seq_len: int = 2048
     micro_batch: int = 1
     grad_ckpt: bool = False
+    ckpt_every: int = 1  # checkpoint decoder layers 0, k, 2k, ... (transformers' every_n_layers)
     precision: str = "bf16"  # compute precision: bf16 / fp16 autocast, or fp32
     weight_dtype: str = "auto"  # model.dtype; auto follows the rules in the module docstring
     optimizer: str = "adamw"
@@ -50,11 +53,14 @@ class Workload:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LINEARS
     trainable_layers: int | None = None  # freeze: top layers that train (default: a quarter)
+    freeze_embeddings: bool = True  # freeze: embeddings frozen too
     attn: str = "sdpa"
     reduce_bucket: int | None = None  # ZeRO reduce bucket (elements); None: hidden^2
     device: str = "cuda"  # "cpu" for CPU runs (the validation measures there)
 
     def __post_init__(self) -> None:
+        if self.optimizer in OPTIMIZER_ALIASES:
+            object.__setattr__(self, "optimizer", OPTIMIZER_ALIASES[self.optimizer])
         checks = {
             "method": (self.method, METHODS),
             "strategy": (self.strategy, STRATEGIES),
@@ -68,6 +74,8 @@ class Workload:
         for name, size in (("seq_len", self.seq_len), ("micro_batch", self.micro_batch)):
             if size < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {size})")
+        if self.ckpt_every < 1:
+            raise ConfigError(f"checkpoint every k layers needs k >= 1 (got {self.ckpt_every})")
         if self.gpus_per_node < 1 or self.nodes < 1:
             raise ConfigError("--gpus-per-node and --nodes must be >= 1")
         bad = [t for t in self.lora_targets if t not in LINEARS]
@@ -106,13 +114,15 @@ class Workload:
 
     @property
     def base_weight_bytes(self) -> float:
-        """Bytes per stored weight of the (possibly frozen) base model on the GPU."""
-        if self.weight_dtype != "auto":
-            return DTYPE_BYTES[self.weight_dtype]
-        if self.method in ("lora", "dora", "qlora"):
-            return 2.0
+        """Bytes per stored weight (for qlora: per weight that is not quantized).
+
+        bigft loads `dtype: auto` in fp32; qlora's peft.prepare_model_for_kbit_training
+        casts every weight that is not 4-bit (embeddings, norms, lm_head) to fp32.
+        """
         if self.sharded_engine and self.precision != "fp32":
             return 2.0  # the engine's bf16 copy; its fp32 master is optimizer state
+        if self.weight_dtype != "auto" and self.method != "qlora":
+            return DTYPE_BYTES[self.weight_dtype]
         return 4.0
 
     @property
@@ -135,8 +145,24 @@ class Workload:
     def n_trainable_layers(self) -> int:
         if self.method != "freeze":
             return self.arch.layers
-        k = self.trainable_layers or max(1, -(-self.arch.layers // 4))
-        return min(k, self.arch.layers)
+        if self.trainable_layers is not None:
+            return min(self.trainable_layers, self.arch.layers)
+        return max(1, -(-self.arch.layers // 4))
+
+    @property
+    def n_active_layers(self) -> int:
+        """Layers that keep activations: all of them unless freezing cuts the graph."""
+        if self.method == "freeze" and self.freeze_embeddings:
+            return self.n_trainable_layers
+        return self.arch.layers
+
+    @property
+    def n_ckpt_layers(self) -> int:
+        """Checkpointed layers among the active ones (every k-th, from layer 0)."""
+        if not self.grad_ckpt:
+            return 0
+        first = self.arch.layers - self.n_active_layers
+        return sum(1 for i in range(first, self.arch.layers) if i % self.ckpt_every == 0)
 
     def adapter_params_per_layer(self) -> int:
         shapes = self.arch.linear_shapes()
@@ -153,7 +179,8 @@ class Workload:
             return a.layers * self.adapter_params_per_layer()
         if self.method == "freeze":
             head = a.head_params if not a.tie_embeddings else a.embed_params
-            return self.n_trainable_layers * a.layer_params + a.hidden + head
+            embed = 0 if self.freeze_embeddings or a.tie_embeddings else a.embed_params
+            return self.n_trainable_layers * a.layer_params + a.hidden + head + embed
         return a.n_params
 
     def base_param_bytes(self) -> float:
@@ -162,7 +189,7 @@ class Workload:
         if self.method != "qlora":
             return a.n_params * self.base_weight_bytes
         quantized = a.layers * a.layer_linear_params
-        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * 2.0
+        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * self.base_weight_bytes
 
 
 # NF4 with double quantization (QLoRA paper, section 3): 4 bits per weight, an 8-bit

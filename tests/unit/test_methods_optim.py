@@ -142,3 +142,16 @@ def test_shipped_configs_load(path: Path) -> None:
 def test_configs_cover_the_targets() -> None:
     methods = {(c.method.name, c.parallel.strategy) for c in map(load_config, CONFIGS.glob("*"))}
     assert {("qlora", "ddp"), ("lora", "zero2"), ("full", "zero3"), ("qlora", "fsdp2")} <= methods
+
+
+def test_train_top_layers_zero_trains_head_and_final_norm_only() -> None:
+    from bigft.errors import BigftError
+    from bigft.methods import apply_freezing
+    from bigft.tiny import build_tiny_llama
+
+    model = build_tiny_llama(vocab_size=100)
+    apply_freezing(model, MethodConfig(name="freeze", train_top_layers=0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lm_head.weight", "model.norm.weight"}
+    with pytest.raises(BigftError, match="> the model's 2 layers"):
+        apply_freezing(model, MethodConfig(name="freeze", train_top_layers=3))
