@@ -29,6 +29,8 @@ class StepActivations:
     layer_bw: float  # extra when a layer's backward starts (recompute + gradients in flight)
     bottom_layer: float  # saved by the bottom active layer (the last to run backward)
     bottom_bw: float  # extra when the bottom layer's backward starts
+    below_bottom: float  # frozen layers in the graph under the bottom trainable one
+    leftover: float  # kept after backward, into the optimizer step
     shared: float  # rotary cos/sin and the mask: alive until the bottom layer is done
     bottom_saving: float  # the bottom layer saves less when its input needs no grad
     base: float  # shared + final norm and lm_head inputs
@@ -135,8 +137,20 @@ def step_activations(work: Workload) -> StepActivations:
     adapter_copy = 2.0 * work.adapter_params_per_layer() if work.adapters and work.autocast else 0
     full_layer = layer_bytes_per_token(work) * n + weight_copy + adapter_copy
     ckpt_layer = float(r * h * n)  # a checkpointed layer keeps only its input
-    n_active, n_ckpt = work.n_active_layers, work.n_ckpt_layers
-    all_layers = n_ckpt * ckpt_layer + (n_active - n_ckpt) * full_layer
+    n_active = work.n_active_layers
+    first_trainable = a.layers - work.n_trainable_layers
+    # Frozen layers in the graph (freeze with trainable embeddings) keep what a frozen
+    # base layer keeps: no inputs for weight gradients.
+    frozen = work.with_(method="lora", lora_targets=(), lora_dropout=0.0)
+    frozen_layer = layer_bytes_per_token(frozen) * n + weight_copy
+
+    def saved(i: int) -> float:
+        if work.grad_ckpt and i % work.ckpt_every == 0:
+            return ckpt_layer
+        return full_layer if i >= first_trainable else frozen_layer
+
+    all_layers = sum(saved(i) for i in range(a.layers - n_active, a.layers))
+    below_bottom = sum(saved(i) for i in range(a.layers - n_active, first_trainable))
     top_is_ckpt = work.grad_ckpt and (a.layers - 1) % work.ckpt_every == 0
     dora_temp = _dora_transient(work)
     bw = _bw_transient(work, n)
@@ -144,7 +158,7 @@ def step_activations(work: Workload) -> StepActivations:
     # checkpointing made it (enable_input_require_grads): its first norm and q/k/v keep less.
     bottom = 0.0
     needs_grad = work.method == "full" or (work.method == "freeze" and not work.freeze_embeddings)
-    bottom_ckpt = work.grad_ckpt and (a.layers - n_active) % work.ckpt_every == 0
+    bottom_ckpt = work.grad_ckpt and first_trainable % work.ckpt_every == 0
     if not needs_grad and not work.grad_ckpt:
         bottom = (4 * h + 4) * n
         if work.adapters and work.lora_dropout > 0:
@@ -163,7 +177,7 @@ def step_activations(work: Workload) -> StepActivations:
         head_saved += 2.0 * v * h  # lm_head's bf16 weight copy (cached, or kept for backward)
     base = shared + _norm(r, h, head_trainable) * n + head_saved
     logits = (2 if work.autocast else c) * v * n
-    cache = n_ckpt * weight_copy if work.method in ("full", "freeze") else 0.0
+    cache = work.n_ckpt_layers * weight_copy if work.method in ("full", "freeze") else 0.0
     # The end of forward holds the logits and accelerate's fp32 copy of them; DoRA's
     # weight rebuild peaks earlier, inside the last layer.
     fwd_extra = cache + max(logits + (4 * v * n if work.autocast else 0), dora_temp)
@@ -173,6 +187,10 @@ def step_activations(work: Workload) -> StepActivations:
         layer=ckpt_layer if top_is_ckpt else full_layer,
         layer_bw=bw + (full_layer + dora_temp if top_is_ckpt else 0.0),
         bottom_layer=ckpt_layer if bottom_ckpt else full_layer - bottom,
+        below_bottom=below_bottom,
+        # With frozen embeddings, checkpointing makes their output a leaf that requires
+        # grad (enable_input_require_grads): it and its .grad live on through the step.
+        leftover=2.0 * r * h * n if work.grad_ckpt and not needs_grad else 0.0,
         bottom_bw=bw + (full_layer + dora_temp if bottom_ckpt else 0.0),
         shared=shared,
         bottom_saving=bottom,

@@ -187,13 +187,21 @@ def phase_breakdowns(work: Workload) -> dict[str, dict[str, float]]:
         ),
         # Bottom layer's backward: the layers above already hold gradients.
         "post": max(
-            phase(g_rest + g_first, act.bottom_layer + act.shared + act.bottom_bw, 0.0, gl),
-            phase(g_rest + g_layer, act.shared + t_end, 0.0, gl),
+            phase(
+                g_rest + g_first,
+                act.below_bottom + act.bottom_layer + act.shared + act.bottom_bw,
+                0.0,
+                gl,
+            ),
+            phase(g_rest + g_layer, act.below_bottom + act.shared + t_end, 0.0, gl),
             key=lambda p: sum(p.values()),
         ),
         # The step's temporaries (foreach AdamW's sqrt(v), fp32 gradient partitions) are
         # counted with the optimizer, as MemTracker files them.
-        "opt": {**phase(ms.grads, 0.0, 0.0, 0.0), "optimizer": ms.optimizer + ms.opt_step_temp},
+        "opt": {
+            **phase(ms.grads, act.leftover, 0.0, 0.0),
+            "optimizer": ms.optimizer + ms.opt_step_temp,
+        },
     }
 
 

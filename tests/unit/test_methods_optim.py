@@ -155,3 +155,17 @@ def test_train_top_layers_zero_trains_head_and_final_norm_only() -> None:
     assert trainable == {"lm_head.weight", "model.norm.weight"}
     with pytest.raises(BigftError, match="> the model's 2 layers"):
         apply_freezing(model, MethodConfig(name="freeze", train_top_layers=3))
+
+
+def test_missing_peft_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from bigft.errors import BigftError
+    from bigft.methods import apply_adapters
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    with pytest.raises(BigftError, match=r"method lora needs .*pip install 'bigft\[lora\]'"):
+        apply_adapters(torch.nn.Linear(2, 2), MethodConfig(name="lora"))
