@@ -124,11 +124,11 @@ def measured(quick: bool) -> None:
     cases = [
         ("full", "fp32", {}),
         ("full", "bf16", {}),
-        ("freeze", "bf16", {}),
+        ("freeze", "bf16", {"trainable_layers": 2}),
         ("lora", "bf16", {}),
-        ("lora", "bf16", {"lora_dropout": 0.1}),
-        ("dora", "bf16", {}),
-        ("qlora", "bf16", {}),
+        ("lora", "bf16", {"weight_dtype": "bf16", "lora_dropout": 0.05}),
+        ("dora", "bf16", {"weight_dtype": "bf16"}),
+        ("qlora", "bf16", {"lora_dropout": 0.05}),
     ]
     sim_err, an_err = [], []
     for model, (method, precision, extra), seq, mb, ckpt in itertools.product(
@@ -145,7 +145,6 @@ def measured(quick: bool) -> None:
             micro_batch=mb,
             grad_ckpt=ckpt,
             device="cpu",
-            trainable_layers=2 if method == "freeze" else None,
             **extra,
         )
         phases = simulate_depth(
@@ -156,7 +155,8 @@ def measured(quick: bool) -> None:
         est = analytic(work).tensor_peak
         sim_err.append(abs(pct(sim, real)))
         an_err.append(abs(pct(est, real)))
-        label = method + (" +dropout" if extra else "")
+        label = method + (" (bf16 base)" if "weight_dtype" in extra else "")
+        label += " +dropout" if "lora_dropout" in extra else ""
         print(
             f"| {model} | {arch.n_params / 1e6:.0f}M | {label} | {precision} | {seq} | {mb} | "
             f"{'on' if ckpt else 'off'} | {real / 2**20:.1f} | {pct(sim, real):+.2f}% | "

@@ -222,14 +222,29 @@ def _get(obj: Any, names: tuple[str, ...], default: Any) -> Any:
     return default
 
 
+def _checkpointing(sections: tuple[Any, ...]) -> tuple[bool, int]:
+    """(on, every k layers) from method.gradient_checkpointing ('off' | 'full' | 'every_k')
+    or a boolean field elsewhere."""
+    for section in sections:
+        mode = _get(section, ("gradient_checkpointing", "grad_ckpt"), None)
+        if mode is None:
+            continue
+        if isinstance(mode, str):
+            every = int(_get(section, ("checkpoint_every_k",), None) or 1)
+            return mode != "off", every if mode == "every_k" else 1
+        return bool(mode), 1
+    return False, 1
+
+
 def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     """A Workload from a bigft Config; keyword flags (not None) override it."""
     method = getattr(cfg, "method", None)
+    lora = getattr(method, "lora", None) or method  # method.lora.r, or flat fields
     train = getattr(cfg, "train", None)
     model = getattr(cfg, "model", None)
     parallel = getattr(cfg, "parallel", None) or getattr(cfg, "distributed", None)
     slurm = getattr(cfg, "slurm", None)  # its nodes / gpus_per_node, when no parallel section
-    targets = _get(method, ("target_modules", "lora_targets", "targets"), LINEARS)
+    targets = _get(lora, ("target_modules", "lora_targets", "targets"), LINEARS)
     if isinstance(targets, str):
         targets = LINEARS if targets in ("all-linear", "all_linear") else (targets,)
     precision = str(getattr(train, "precision", "auto"))
@@ -240,19 +255,20 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     )
     if strategy == "zero3" and offload:
         strategy = "zero3-offload"
+    ckpt, every = _checkpointing((method, train, model))
+    top = _get(method, ("train_top_layers", "trainable_layers"), None)
     values: dict[str, Any] = {
         "method": _get(method, ("name",), "full"),
         "strategy": strategy,
         "reduce_bucket": _get(parallel, ("reduce_bucket_size",), None),
-        "lora_rank": int(_get(method, ("lora_rank", "rank", "r"), 16)),
-        "lora_dropout": float(_get(method, ("lora_dropout", "dropout"), 0.0)),
-        "lora_targets": tuple(targets),
-        "trainable_layers": _get(method, ("trainable_layers",), None),
+        "lora_rank": int(_get(lora, ("r", "lora_rank", "rank"), 16)),
+        "lora_dropout": float(_get(lora, ("dropout", "lora_dropout"), 0.0)),
+        "lora_targets": tuple(t for t in targets if t != "lm_head"),
+        "trainable_layers": top,
+        "freeze_embeddings": bool(top is not None or _get(method, ("freeze_embeddings",), True)),
         "seq_len": int(getattr(train, "seq_len", 2048)),
-        "grad_ckpt": any(
-            bool(_get(section, ("gradient_checkpointing", "grad_ckpt"), False))
-            for section in (train, model, method)
-        ),
+        "grad_ckpt": ckpt,
+        "ckpt_every": every,
         "precision": "bf16" if precision == "auto" else precision,
         "weight_dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
             str(getattr(model, "dtype", "auto")), "auto"
@@ -276,6 +292,12 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     arch = load_arch(str(name))
     if arch.model_type in EAGER_ONLY:
         values["attn"] = "eager"
+    below = _get(method, ("freeze_first_layers",), 0)
+    if values["method"] == "freeze" and top is None and below:
+        values.setdefault("trainable_layers", None)
+        values["trainable_layers"] = max(arch.layers - int(below), 0)
+    if flags.get("grad_ckpt") is not None and flags.get("ckpt_every") is None:
+        values["ckpt_every"] = 1 if not flags["grad_ckpt"] else values["ckpt_every"]
     try:
         return Workload(arch=arch, **values)
     except TypeError as exc:  # a flag the planner does not know

@@ -190,3 +190,21 @@ def test_help_imports_no_torch() -> None:
         check=True,
     )
     assert "torch" not in out.stderr
+
+
+def test_shipped_4090_qlora_config_picks_a_micro_batch_that_fits() -> None:
+    from bigft.plan import get_gpu, make_plan, workload_from_config
+    from bigft.plan.batch import total_bytes, usable_bytes
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "llama2-7b-qlora-4090.yaml"
+    if not config.exists():
+        pytest.skip("configs/llama2-7b-qlora-4090.yaml is not shipped")
+    cfg = load_config(config, ["train.micro_batch_size=auto"])
+    work = workload_from_config(cfg)
+    assert (work.method, work.grad_ckpt, work.optimizer) == ("qlora", True, "paged_adamw_8bit")
+    gpu = get_gpu("rtx4090")
+    report = make_plan(work, gpu, global_batch=cfg.train.global_batch_size)
+    assert report.fits and report.micro_batch == report.max_micro_batch
+    capacity = usable_bytes(gpu, 0.05)
+    assert total_bytes(work.with_(micro_batch=report.micro_batch)) <= capacity
+    assert total_bytes(work.with_(micro_batch=report.micro_batch + 1)) > capacity
