@@ -8,6 +8,7 @@ micro-batches whose loss is normalized by the target tokens of the whole step.
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -78,7 +79,7 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
     """Validate and build everything; only then create the run directory."""
     console = console or Console(stderr=True)
     adopt_launcher_strategy(cfg.parallel)
-    layout = batch_layout(cfg.train, world_size_from_env())
+    layout = batch_layout(cfg.train, world_size_from_env(), _auto_micro_batch(cfg, console))
     accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
     if accelerator.num_processes != layout.world_size:
         layout = batch_layout(cfg.train, accelerator.num_processes)
@@ -134,6 +135,19 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
     )
     _maybe_resume(run)
     return run
+
+
+def _auto_micro_batch(cfg: Config, console: Console) -> int | None:
+    """`train.micro_batch_size: auto`: the memory planner picks it for this GPU."""
+    if cfg.train.micro_batch_size != "auto":
+        return None
+    from bigft.plan import choose_micro_batch
+
+    micro, report = choose_micro_batch(cfg, world_size_from_env())
+    reason = getattr(report, "message", None) or "largest micro-batch that fits"
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"planner: micro_batch_size {micro} ({reason})", highlight=False)
+    return micro
 
 
 def _prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
