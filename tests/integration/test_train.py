@@ -127,3 +127,20 @@ def test_cli_train_subprocess(tiny_base, data_file, tmp_path) -> None:
     assert "Traceback" not in proc.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_auto_micro_batch_uses_the_planner(tiny_base, data_file, tmp_path, monkeypatch) -> None:
+    from rich.console import Console
+
+    from bigft.train import _auto_micro_batch
+
+    cfg = load_config(
+        write_config(tmp_path / "cfg.yaml", tiny_base, data_file), ["train.micro_batch_size=auto"]
+    )
+    monkeypatch.delenv("BIGFT_PLAN_GPU_MEM_GIB", raising=False)
+    assert _auto_micro_batch(cfg, Console()) == 1  # no GPU to plan for
+    monkeypatch.setenv("BIGFT_PLAN_GPU_MEM_GIB", "1")
+    small = _auto_micro_batch(cfg, Console())
+    monkeypatch.setenv("BIGFT_PLAN_GPU_MEM_GIB", "2")
+    large = _auto_micro_batch(cfg, Console())
+    assert small is not None and large is not None and 1 <= small < large
