@@ -328,3 +328,16 @@ def full_weights_digest(accelerator: Accelerator, model: Any) -> list[str]:
     everyone: list[Any] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(everyone, mine)
     return [str(d) for d in everyone]
+
+
+def peak_rss_mib_per_rank(accelerator: Accelerator) -> list[float]:
+    """Peak resident host memory of every process (MiB): what loading and training cost
+    in CPU RAM, where ZeRO-3 / FSDP2 must not hold a full model copy per rank."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if accelerator.num_processes == 1:
+        return [round(mine, 1)]
+    everyone: list[Any] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(everyone, round(mine, 1))
+    return [float(x) for x in everyone]

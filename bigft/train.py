@@ -41,6 +41,7 @@ from bigft.distributed import (
     check_fsdp_layers,
     engine_report,
     full_weights_digest,
+    peak_rss_mib_per_rank,
     world_size_from_env,
 )
 from bigft.errors import BigftError
@@ -425,6 +426,7 @@ def _finish(run: Run) -> dict[str, Any]:
         "global_batch_size": run.layout.global_batch_size,
         "engine": engine_report(run.accelerator, run.model),
         "weights_sha256_per_rank": full_weights_digest(run.accelerator, run.model),
+        "peak_rss_mib_per_rank": peak_rss_mib_per_rank(run.accelerator),
         "output_dir": str(run.output_dir),
     }
     evaluated_now = bool(cfg.eval.every_steps) and run.step % cfg.eval.every_steps == 0
