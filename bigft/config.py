@@ -708,7 +708,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        first = _format_error(errors[0], str(path), lines, overridden)
+        first = _format_error(dict(errors[0]), str(path), lines, overridden)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(first + more) from None
     _resolve_paths(config, path.parent)

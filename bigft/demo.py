@@ -29,7 +29,8 @@ TASKS = {
 def make_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:  # type: ignore[assignment]
     """Alpaca rows over random lowercase words (how demo_data/*.jsonl was made)."""
     rng = random.Random(seed)
-    rows, seen = [], set(exclude)
+    rows: list[dict[str, str]] = []
+    seen = set(exclude)
     while len(rows) < n:
         word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
         if word in seen:
@@ -90,7 +91,9 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     console.print(_plan_table(run))
 
     gen = cfg.eval.generate
-    examples = generation_examples(run.data.test, run.tokenizer, len(run.data.test))
+    test_rows = run.data.test
+    assert test_rows is not None, "the demo config names a test file"
+    examples = generation_examples(test_rows, run.tokenizer, len(test_rows))
     before = exact_match(
         run.model,
         run.tokenizer,

@@ -429,7 +429,8 @@ def _finish(run: Run) -> dict[str, Any]:
         "peak_rss_mib_per_rank": peak_rss_mib_per_rank(run.accelerator),
         "output_dir": str(run.output_dir),
     }
-    evaluated_now = bool(cfg.eval.every_steps) and run.step % cfg.eval.every_steps == 0
+    every = cfg.eval.every_steps
+    evaluated_now = every is not None and run.step % every == 0
     if run.data.validation is not None:
         summary["validation"] = run.last_eval if evaluated_now and run.last_eval else _evaluate(run)
     if run.data.test is not None:
