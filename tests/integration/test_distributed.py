@@ -229,3 +229,24 @@ def test_two_nodes_on_one_machine(run_config: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["weights_sha256_per_rank"][0] == summary["weights_sha256_per_rank"][1]
+
+
+def test_bf16_under_sharded_engines(run_config: Path) -> None:
+    """bf16 mixed precision runs under ZeRO-3 and FSDP2 and both agree on the result."""
+    losses = {}
+    for strategy in ("zero3", "fsdp2"):
+        out = run_config.parent / f"bf16-{strategy}"
+        summary = launch(
+            run_config,
+            f"parallel.strategy={strategy}",
+            "train.precision=bf16",
+            "train.steps=3",
+            f"output_dir={out}",
+        )
+        for key, value in EXPECTED[strategy].items():
+            assert summary["engine"][key] == value
+        ranks = summary["weights_sha256_per_rank"]
+        assert ranks[0] == ranks[1]
+        losses[strategy] = summary["validation"]["eval_loss"]
+        assert (out / "config.yaml").read_text().count("precision: bf16") == 1
+    assert abs(losses["zero3"] - losses["fsdp2"]) < 0.02, losses
