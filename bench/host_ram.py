@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.helpers import alpaca_rows, write_config, write_jsonl  # noqa: E402
+from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 
 def main() -> None:

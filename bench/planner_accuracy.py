@@ -177,7 +177,8 @@ def qlora_7b() -> None:
     report = make_plan(work, get_gpu("rtx4090"), micro_given=True)
     sim = simulate(work)
     print(
-        f"- 4-bit base (NF4 + double quant, bf16 embeddings/norms/lm_head): "
+        f"- 4-bit base (NF4 + double quant; embeddings, norms, lm_head in fp32 as "
+        f"prepare_model_for_kbit_training leaves them): "
         f"{work.base_param_bytes() / 1e9:.2f} GB (QLoRA paper: ≈5 GB for the 7B model)"
     )
     print(

@@ -193,9 +193,7 @@ class MethodConfig(Section):
     quant: QuantConfig = Field(
         default_factory=QuantConfig, description="4-bit quantization settings (qlora)."
     )
-    freeze_embeddings: bool = Field(
-        False, description="freeze: do not train the input embeddings."
-    )
+    freeze_embeddings: bool = Field(False, description="freeze: do not train the input embeddings.")
     freeze_first_layers: int = Field(
         0, ge=0, description="freeze: do not train the first N decoder layers."
     )
@@ -220,8 +218,10 @@ class MethodConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> MethodConfig:
         adapters = self.name in ("lora", "dora", "qlora")
-        freezing = self.freeze_embeddings or self.freeze_first_layers or (
-            self.train_top_layers is not None
+        freezing = (
+            self.freeze_embeddings
+            or self.freeze_first_layers
+            or (self.train_top_layers is not None)
         )
         if self.name == "freeze" and not freezing:
             raise ValueError(

@@ -94,27 +94,24 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     test_rows = run.data.test
     assert test_rows is not None, "the demo config names a test file"
     examples = generation_examples(test_rows, run.tokenizer, len(test_rows))
-    before = exact_match(
-        run.model,
-        run.tokenizer,
-        examples,
-        gen.max_new_tokens,
-        gen.batch_size,
-        run.accelerator.device,
-    )
+
+    def score() -> dict[str, Any]:
+        return exact_match(
+            run.model,
+            run.tokenizer,
+            examples,
+            gen.max_new_tokens,
+            gen.batch_size,
+            run.accelerator.device,
+        )
+
+    before = score()
     console.print(
         f"exact match on {len(examples)} held-out rows before fine-tuning: "
         f"{before['exact_match']:.1%}"
     )
     summary = train(run)
-    after = exact_match(
-        run.model,
-        run.tokenizer,
-        examples,
-        gen.max_new_tokens,
-        gen.batch_size,
-        run.accelerator.device,
-    )
+    after = score()
 
     table = Table(title="held-out generations (after fine-tuning)")
     for column in ("prompt", "reference", "prediction"):

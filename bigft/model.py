@@ -88,9 +88,7 @@ def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def load_model(
-    cfg: ModelConfig, precision: str = "fp32", quant: QuantConfig | None = None
-) -> Any:
+def load_model(cfg: ModelConfig, precision: str = "fp32", quant: QuantConfig | None = None) -> Any:
     """AutoModelForCausalLM from a local directory or hub id, in the configured dtype.
 
     With `quant` (method qlora) the linear layers are loaded as 4-bit `Linear4bit`, and
@@ -125,6 +123,7 @@ def load_model(
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
+
     def numel(p: torch.nn.Parameter) -> int:
         quant_state = getattr(p, "quant_state", None)  # 4-bit: 2+ values per stored element
         if quant_state is not None and getattr(quant_state, "shape", None) is not None:

@@ -6,6 +6,7 @@ processes, writes a checkpoint and returns. Nothing heavy ever runs inside a han
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from types import FrameType
 
@@ -20,10 +21,9 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 def install(names: tuple[str, ...] = ("SIGUSR1", "SIGTERM")) -> None:
     """Route the named signals to the stop flag (main thread only; no-op elsewhere)."""
     for name in names:
-        try:
+        # ValueError: not the main thread; AttributeError: no such signal on this OS.
+        with contextlib.suppress(ValueError, AttributeError):
             signal.signal(getattr(signal, name), _handler)
-        except (ValueError, AttributeError):  # not the main thread, or not on this OS
-            pass
 
 
 def requested() -> str | None:

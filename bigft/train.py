@@ -8,8 +8,8 @@ micro-batches whose loss is normalized by the target tokens of the whole step.
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,8 +34,8 @@ from bigft.data import (
     prompt_and_reference,
 )
 from bigft.distributed import (
-    adopt_launcher_strategy,
     BatchLayout,
+    adopt_launcher_strategy,
     batch_layout,
     build_accelerator,
     check_fsdp_layers,
@@ -257,8 +257,9 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     _print(
         run,
         f"[bold]bigft[/] {cfg.model.name_or_path} | {trainable:,}/{total:,} trainable | "
-        f"{cfg.parallel.strategy} x {acc.num_processes} process(es) | micro-batch {run.layout.micro_batch_size} x "
-        f"accum {run.layout.grad_accum} = global {run.layout.global_batch_size} | "
+        f"{cfg.parallel.strategy} x {acc.num_processes} process(es) | "
+        f"micro-batch {run.layout.micro_batch_size} x accum {run.layout.grad_accum} = "
+        f"global {run.layout.global_batch_size} | "
         f"{run.total_steps} steps | {run.output_dir}",
     )
     _print(run, describe_groups(run.optimizer))

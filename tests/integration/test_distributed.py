@@ -129,12 +129,7 @@ def test_resume_on_other_world_size(run_config: Path, tmp_path: Path) -> None:
 LAUNCH = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
 
 
-@pytest.mark.parametrize(
-    ("file", "strategy"), [("ddp", "ddp"), ("zero3-offload", "zero3"), ("fsdp2", "fsdp2")]
-)
-def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Path) -> None:
-    """The shipped accelerate configs select the engine; bigft's YAML leaves it unset."""
-    out = run_config.parent / f"accelerate-{file}"
+def accelerate_launch(file: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -143,15 +138,22 @@ def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Pa
         "--config_file",
         str(LAUNCH / f"{file}.yaml"),
         "--num_processes",
-        "2",
+        str(nproc),
         "-m",
         "bigft",
         "train",
-        str(run_config),
-        f"output_dir={out}",
-        "train.steps=2",
+        *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("file", "strategy"), [("ddp", "ddp"), ("zero3-offload", "zero3"), ("fsdp2", "fsdp2")]
+)
+def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Path) -> None:
+    """The shipped accelerate configs select the engine; bigft's YAML leaves it unset."""
+    out = run_config.parent / f"accelerate-{file}"
+    proc = accelerate_launch(file, 2, str(run_config), f"output_dir={out}", "train.steps=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -165,23 +167,9 @@ def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Pa
 
 
 def test_launcher_and_config_disagree(run_config: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(LAUNCH / "fsdp2.yaml"),
-        "--num_processes",
-        "1",
-        "-m",
-        "bigft",
-        "train",
-        str(run_config),
-        "parallel.strategy=zero2",
-        f"output_dir={tmp_path / 'out'}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = accelerate_launch(
+        "fsdp2", 1, str(run_config), "parallel.strategy=zero2", f"output_dir={tmp_path / 'out'}"
+    )
     assert proc.returncode != 0
     assert "parallel.strategy is zero2 but the accelerate config launched fsdp2" in proc.stderr
     assert not (tmp_path / "out").exists()
