@@ -202,12 +202,17 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     """
     acc, model = run.accelerator, run.model
     local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    # One collective per step carries the token counts and any process's stop request.
     counts = torch.tensor(
-        [local_targets, sum(_real_tokens(b) for b in micro_batches)],
+        [
+            local_targets,
+            sum(_real_tokens(b) for b in micro_batches),
+            preemption.requested() is not None,
+        ],
         dtype=torch.float64,
         device=acc.device,
     )
-    global_targets, global_tokens = acc.reduce(counts, reduction="sum").tolist()
+    global_targets, global_tokens, stop_requests = acc.reduce(counts, reduction="sum").tolist()
     scale = run.layout.grad_accum * acc.num_processes / max(global_targets, 1.0)
 
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -230,6 +235,7 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "tokens": global_tokens,
         "targets": global_targets,
+        "stop_requests": stop_requests,
     }
 
 
@@ -300,7 +306,7 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 ckpt.save_checkpoint(
                     acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
                 )
-            reason = _stop_reason(run, stop_after)
+            reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
                 ckpt.save_checkpoint(
                     acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
@@ -310,12 +316,12 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     return _finish(run)
 
 
-def _stop_reason(run: Run, stop_after: int | None) -> str | None:
-    """A signal on any process stops every process at the same step."""
+def _stop_reason(run: Run, stop_after: int | None, stop_requests: float) -> str | None:
+    """A signal on any process (counted in the step's reduce) stops every process at the
+    same step."""
     if stop_after is not None and run.step >= stop_after:
         return "stop_after"
-    flag = torch.tensor([preemption.requested() is not None], device=run.accelerator.device)
-    if run.accelerator.reduce(flag.int(), reduction="sum").item() == 0:
+    if stop_requests == 0:
         return None
     return preemption.requested() or "signal on another process"
 
