@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bigft import __version__
 from bigft.errors import BigftError
@@ -52,7 +53,9 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except BigftError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: messages hold brackets that are not markup, e.g. pip install 'bigft[lora]'
+            message = escape(str(exc))
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -197,6 +200,35 @@ def demo(
     run_demo(output_dir, overrides or [], console)
 
 
+@app.command("eval")
+@user_errors
+def eval_(
+    target: Path = typer.Argument(
+        ..., help="A run directory (scores RUN/final) or a model directory.", show_default=False
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="Rows to score (any data.train format); default: the run's splits."
+    ),
+    task: str | None = typer.Option(
+        None, "--task", help="causal_lm, classification or regression (model directories)."
+    ),
+    overrides: list[str] | None = OVERRIDES_ARG,
+) -> None:
+    """Score a trained model without training: loss / perplexity, exact match, or
+    accuracy / macro-F1 / AUC / confusion matrix; prints JSON."""
+    import json
+
+    from bigft.evaluation import evaluation_config
+
+    cfg, splits = evaluation_config(target, data, task, overrides or [])
+    _quiet_libraries()
+    from bigft.train import run_evaluation
+
+    results = run_evaluation(cfg, splits, console)
+    if os.environ.get("RANK", "0") == "0":
+        out.print_json(json.dumps(results, default=str))
+
+
 @app.command("export")
 @user_errors
 def export(
@@ -217,6 +249,38 @@ def export(
 
 
 app.command("plan")(user_errors(_plan))
+
+
+@app.command("report")
+@user_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (its output_dir).", show_default=False),
+    out_dir: Path | None = typer.Option(
+        None, "--out", "-o", help="Directory to write; default: RUN_DIR/report."
+    ),
+) -> None:
+    """Plot a run's metrics and write report.md: final and best evaluations, throughput."""
+    from bigft.report import write_report
+
+    out.print(str(write_report(run_dir, out_dir)), highlight=False, soft_wrap=True)
+
+
+@app.command("compare")
+@user_errors
+def compare(
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="Two or more run directories.", show_default=False
+    ),
+    out_dir: Path = typer.Option(Path("compare"), "--out", "-o", help="Directory to write."),
+    metric: str = typer.Option(
+        "eval_loss", "--metric", "-m", help="Evaluation metric to overlay and rank runs by."
+    ),
+) -> None:
+    """Compare runs: results and config differences side by side, overlaid curves."""
+    from bigft.report import compare_runs
+
+    written = compare_runs(run_dirs, out_dir, metric, out)
+    out.print(f"wrote {' and '.join(map(str, written))}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

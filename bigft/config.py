@@ -9,6 +9,7 @@ converted to the declared type. This module must not import torch (`bigft --help
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,12 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False,
         description="Run modelling code shipped with the checkpoint. Off unless you trust it.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Also load weights stored as pickles (pytorch_model.bin) from the model "
+        "and from checkpoints. Unpickling can run code hidden in the file: convert to "
+        "safetensors instead (load and save_pretrained once, where you trust the file).",
     )
 
 
@@ -116,11 +123,25 @@ class DataConfig(Section):
     packing: bool = Field(
         True,
         description="Pack several rows into each seq_len row with per-sequence position_ids "
-        "(no attention across sequences); false pads each micro-batch instead.",
+        "(no attention across sequences); false pads each micro-batch instead. task "
+        "causal_lm only: labelled rows are always padded.",
     )
     num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
     cache: bool = Field(True, description="Reuse tokenized data cached by the datasets library.")
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+    label_field: str = Field(
+        "label", description="task classification/regression: column holding the label."
+    )
+    text_pair_field: str | None = Field(
+        None,
+        description="task classification/regression: optional second text column, encoded "
+        "as a pair with text_field (e.g. premise / hypothesis).",
+    )
+    label_names: list[str] | None = Field(
+        None,
+        description="task classification: the classes, in id order; default: the sorted "
+        "distinct labels of the training rows. Integer labels index this list.",
+    )
 
     @field_validator("train")
     @classmethod
@@ -327,6 +348,18 @@ class TrainConfig(Section):
         "'never'; or a checkpoint directory.",
     )
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip",
+        description="A step whose loss or gradient norm is NaN/inf on any process: 'skip' "
+        "leaves weights and optimizer state as they were (the data and the lr schedule move "
+        "on); 'stop' checkpoints that unchanged state and exits with an error (code 3).",
+    )
+    max_skipped: int | None = Field(
+        10,
+        ge=0,
+        description="nonfinite skip: stop as 'stop' does once more than this many steps of "
+        "the run were skipped; null: never.",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -377,6 +410,19 @@ class GenerateConfig(Section):
     batch_size: int = Field(16, gt=0, description="Prompts per generate() call.")
 
 
+class EarlyStoppingConfig(Section):
+    """Stop when the tracked metric (eval.metric) stops improving."""
+
+    patience: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluations in a row without improvement before stopping; null = off.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of eval.metric that counts as an improvement."
+    )
+
+
 class EvalConfig(Section):
     """Periodic evaluation on the validation split."""
 
@@ -389,6 +435,30 @@ class EvalConfig(Section):
     generate: GenerateConfig = Field(
         default_factory=GenerateConfig, description="Exact-match scoring by generation."
     )
+    scorer: str | None = Field(
+        None,
+        description="Custom generation scorer 'module:function' called with (predictions, "
+        "references) and returning a dict of metrics (needs generate.enabled).",
+    )
+    metric: str = Field(
+        "eval_loss",
+        description="Metric that picks the best checkpoint and drives early stopping, e.g. "
+        "eval_loss, eval_accuracy, eval_f1_macro, eval_auc, exact_match.",
+    )
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto",
+        description="Whether lower or higher eval.metric is better; auto: min for loss, "
+        "perplexity, mse and mae, max otherwise.",
+    )
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig, description="Early stopping on eval.metric."
+    )
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return not any(k in self.metric for k in ("loss", "ppl", "mse", "mae"))
 
 
 class CheckpointConfig(Section):
@@ -401,12 +471,54 @@ class CheckpointConfig(Section):
     export: bool = Field(
         True, description="Write the final model (safetensors + tokenizer) to output_dir/final."
     )
+    keep_best: bool = Field(
+        False,
+        description="Checkpoint every new best eval.metric and keep it beside the last ones; "
+        "checkpoints/best.json names it. On by default with early stopping.",
+    )
+    load_best_at_end: bool = Field(
+        False,
+        description="Final evaluation and export use the best checkpoint's weights "
+        "(needs eval.every_steps; implies keep_best).",
+    )
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 class LoggingConfig(Section):
-    """Console and file logging."""
+    """Console logging and experiment trackers (metrics.jsonl is always written)."""
 
     progress_bar: bool = Field(True, description="Rich progress bar on the main process.")
+    trackers: list[Tracker] | Literal["auto"] = Field(
+        "auto",
+        description="Experiment trackers that receive every metric: tensorboard, wandb, "
+        "mlflow, trackio; [] for none. 'auto': tensorboard when it is installed. All write "
+        "locally: TensorBoard to output_dir/tensorboard, MLflow to output_dir/mlflow.db "
+        "(unless MLFLOW_TRACKING_URI is set), W&B offline (unless WANDB_MODE is set).",
+    )
+    project: str | None = Field(
+        None, description="Tracker project / experiment name; default: output_dir's name."
+    )
+    run_name: str | None = Field(
+        None, description="Run name shown by the trackers; default: the tracker's own."
+    )
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto":
+            value = [value]  # `logging.trackers=wandb` on the command line
+        for name in value if isinstance(value, list) else []:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(
+                    f"unknown tracker {name!r}{hint}; choose from {', '.join(TRACKERS)}, "
+                    "'auto', or [] for none"
+                )
+        return value
 
 
 _SLURM_TIME = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}){0,2}|INFINITE|UNLIMITED)$"
@@ -529,10 +641,38 @@ class SlurmConfig(Section):
         }
 
 
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("eval_loss", "eval_ppl"),
+    "classification": ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_auc"),
+    "regression": ("eval_loss", "eval_mse", "eval_mae", "eval_r2"),
+}
+
+
+class DistillConfig(Section):
+    """Knowledge distillation from a teacher that shares the student's tokenizer / labels."""
+
+    teacher: str | None = Field(
+        None, description="Teacher model directory or hub id; null = no distillation."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of both models.")
+    weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="loss = (1 - weight) x task loss + weight x T^2 x KL(teacher || student).",
+    )
+
+
 class Config(Section):
     """A bigft run. Sections mirror the data flow: model, data, method, optim, schedule,
     train, eval, checkpoint, logging."""
 
+    task: Literal["causal_lm", "classification", "regression"] = Field(
+        "causal_lm",
+        description="causal_lm: next-token loss on text/instructions/chats; classification: "
+        "a sequence-classification head over data.label_field (cross-entropy); regression: "
+        "one output trained with MSE.",
+    )
     model: ModelConfig = Field(description="The model to fine-tune.")
     data: DataConfig = Field(description="Training and evaluation data.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="What is trained.")
@@ -545,6 +685,9 @@ class Config(Section):
     )
     parallel: ParallelConfig = Field(
         default_factory=ParallelConfig, description="Distribution strategy."
+    )
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="Knowledge distillation."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     slurm: SlurmConfig = Field(
@@ -565,6 +708,49 @@ class Config(Section):
             raise ValueError(
                 f"qlora with {self.parallel.strategy}: set method.quant.quant_storage to the "
                 "model dtype (e.g. bfloat16) so 4-bit weights can be sharded with the rest"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _task_consistency(self) -> Config:
+        d = self.data
+        if self.task == "causal_lm":
+            if d.label_names is not None or d.text_pair_field is not None:
+                raise ValueError("data.label_names / text_pair_field need task classification")
+            return self
+        # data.format and data.packing keep their (causal-LM) defaults in a dumped config,
+        # so only a format that cannot mean "text + label" is an error.
+        if d.format == "chat":
+            raise ValueError(
+                f"task {self.task} reads data.text_field and data.label_field; "
+                "data.format chat applies to task causal_lm only"
+            )
+        if self.eval.generate.enabled:
+            raise ValueError("eval.generate: generation applies to task causal_lm only")
+        if self.task == "regression" and d.label_names is not None:
+            raise ValueError("data.label_names: regression labels are numbers")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_consistency(self) -> Config:
+        stopping = self.eval.early_stopping.patience is not None
+        if (stopping or self.checkpoint.load_best_at_end) and self.eval.every_steps is None:
+            raise ValueError(
+                "eval.early_stopping / checkpoint.load_best_at_end need eval.every_steps"
+            )
+        if self.eval.scorer is not None and ":" not in self.eval.scorer:
+            raise ValueError("eval.scorer: write it as 'module:function'")
+        if self.eval.scorer is not None and not self.eval.generate.enabled:
+            raise ValueError("eval.scorer scores generated answers: set eval.generate.enabled")
+        known = TASK_METRICS[self.task]
+        if self.eval.generate.enabled:
+            known = (*known, "exact_match")
+        if self.eval.metric not in known and self.eval.scorer is None:
+            hint = difflib.get_close_matches(self.eval.metric, known, n=1)
+            raise ValueError(
+                f"eval.metric '{self.eval.metric}' is not reported for task {self.task}"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+                + f" (one of: {', '.join(known)})"
             )
         return self
 
@@ -736,6 +922,46 @@ def _resolve_paths(config: Config, base: Path) -> None:
             setattr(config.model, attr, str(base / value))
 
 
+# An environment variable whose name has a part ending in KEY, TOKEN, SECRET or PASSWORD
+# (WANDB_API_KEY, HF_TOKEN, MLFLOW_TRACKING_PASSWORD) holds a secret. Whole name parts, so
+# TOKENIZERS_PARALLELISM is not one.
+_SECRET_NAME = re.compile(r"(^|_)[A-Z0-9]*(KEY|TOKEN|SECRET|PASSWORD|PASSWD)S?(_|$)", re.I)
+REDACTED = "***"
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable of this name holds a credential."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def redacted_config(config: Config) -> dict[str, Any]:
+    """The config as plain data, safe to write or send to a tracker.
+
+    slurm.env values of secret-named variables become '***', and so does any text that
+    contains the value of a secret variable of this process's environment (a token pasted
+    into a path or URL).
+    """
+    data = config.model_dump(mode="json")
+    for name in data["slurm"]["env"]:
+        if is_secret_name(name):
+            data["slurm"]["env"][name] = REDACTED
+    # Short values ('1', 'true') would redact unrelated text; real credentials are long.
+    secrets = [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8]
+    return _without(data, secrets) if secrets else data
+
+
+def _without(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _without(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
 def dump_config(config: Config) -> str:
-    """The fully resolved config as YAML (what is written to the run directory)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The fully resolved config as YAML (what is written to the run directory), with
+    secrets redacted (see `redacted_config`)."""
+    return yaml.safe_dump(redacted_config(config), sort_keys=False, allow_unicode=True)

@@ -196,9 +196,17 @@ def _cpu_process_group() -> None:
 
 
 def build_accelerator(
-    train: TrainConfig, parallel: ParallelConfig, layout: BatchLayout
+    train: TrainConfig,
+    parallel: ParallelConfig,
+    layout: BatchLayout,
+    log_with: list[str] | None = None,
+    logging_dir: str | Path | None = None,
 ) -> Accelerator:
-    """One Accelerator for every launch path (python, accelerate launch, torchrun, srun)."""
+    """One Accelerator for every launch path (python, accelerate launch, torchrun, srun).
+
+    `log_with` names the experiment trackers (checked by `tracking.resolve_trackers`);
+    `logging_dir` is where TensorBoard writes.
+    """
     cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = {
         "mixed_precision": resolve_precision(train.precision),
@@ -209,6 +217,11 @@ def build_accelerator(
         ),
         "step_scheduler_with_optimizer": False,
     }
+    if log_with:
+        from accelerate.utils import ProjectConfiguration
+
+        kwargs["log_with"] = log_with
+        kwargs["project_config"] = ProjectConfiguration(logging_dir=logging_dir)
     strategy = parallel.strategy
     if strategy.startswith("zero"):
         from accelerate.utils import DeepSpeedPlugin
@@ -333,11 +346,27 @@ def full_weights_digest(accelerator: Accelerator, model: Any) -> list[str]:
 def peak_rss_mib_per_rank(accelerator: Accelerator) -> list[float]:
     """Peak resident host memory of every process (MiB): what loading and training cost
     in CPU RAM, where ZeRO-3 / FSDP2 must not hold a full model copy per rank."""
-    import resource
-
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    mine = _peak_rss_mib()
     if accelerator.num_processes == 1:
         return [round(mine, 1)]
     everyone: list[Any] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(everyone, round(mine, 1))
     return [float(x) for x in everyone]
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_memory_mib(accelerator: Accelerator) -> float:
+    """Peak memory of the busiest process so far (MiB): CUDA memory allocated by tensors
+    on GPU, peak resident host memory on CPU. The busiest process is the one that runs
+    out first, so that is the number to compare with the device's memory."""
+    if accelerator.device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    else:
+        mine = _peak_rss_mib()
+    peak = torch.tensor(mine, dtype=torch.float64, device=accelerator.device)
+    return round(float(accelerator.reduce(peak, reduction="max")), 1)

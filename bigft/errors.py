@@ -25,6 +25,14 @@ class ModelError(BigftError):
     """The model or tokenizer cannot be loaded as configured."""
 
 
+class TrainingError(BigftError):
+    """The run started but stopped itself rather than continue unsafely (non-finite loss,
+    a checkpoint that could not be written). The message names the step and what was
+    kept; exit code 3 tells it apart from a config mistake."""
+
+    exit_code = 3
+
+
 def require(package: str, extra: str, purpose: str) -> None:
     """Fail clearly when an optional package is missing."""
     import importlib.util

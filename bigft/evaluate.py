@@ -6,28 +6,21 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over target tokens, number of target tokens).
 
-    Labels are aligned with input_ids (-100 = not a target); the shift happens here.
-    Packed rows carry position_ids and no attention mask; use_cache=False keeps
-    transformers' per-sequence isolation active.
+    Labels are aligned with input_ids (-100 = not a target); the shift happens in
+    `bigft.losses.logits_and_labels`.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return loss, (targets != -100).sum()
+    from bigft.losses import logits_and_labels, target_mask, task_loss_sum
+
+    logits, labels = logits_and_labels(model, batch)
+    return task_loss_sum(logits, labels), target_mask(batch["labels"]).sum()
 
 
 @torch.no_grad()
@@ -110,3 +103,58 @@ def exact_match(
         for (p, r), y in zip(examples, predictions, strict=True)
     ]
     return {"exact_match": sum(hits) / max(len(hits), 1), "samples": samples}
+
+
+@torch.no_grad()
+def evaluate_labeled(
+    model: Any,
+    batches: Iterable[dict[str, torch.Tensor]],
+    accelerator: Accelerator,
+    label_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Classification (label_names given) or regression metrics over all processes.
+
+    Every process keeps its logits and labels; they are gathered once at the end, and
+    filler rows (label -100 / NaN, see the eval loader) are dropped before scoring.
+    """
+    from accelerate.utils import gather_object
+
+    from bigft.losses import logits_and_labels, target_mask, task_loss_sum
+    from bigft.metrics import classification_metrics, regression_metrics
+
+    was_training = model.training
+    model.eval()
+    local: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logits, labels = logits_and_labels(model, batch)
+        keep = target_mask(labels)
+        local.append((logits[keep].float().cpu().numpy(), labels[keep].cpu().numpy()))
+    model.train(was_training)
+    pairs = gather_object(local) if accelerator.num_processes > 1 else local
+    if not pairs or sum(len(y) for _, y in pairs) == 0:
+        return {}
+    logits_np = np.concatenate([x for x, _ in pairs])
+    labels_np = np.concatenate([y for _, y in pairs])
+    loss = task_loss_sum(torch.from_numpy(logits_np), torch.from_numpy(labels_np)).item()
+    mean = loss / len(labels_np)
+    if label_names is None:
+        return {"eval_loss": mean, **regression_metrics(logits_np, labels_np)}
+    return {"eval_loss": mean, **classification_metrics(logits_np, labels_np, label_names)}
+
+
+def load_scorer(spec: str) -> Any:
+    """The custom scorer named 'module:function' (eval.scorer)."""
+    import importlib
+
+    from bigft.errors import ConfigError
+
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"eval.scorer: cannot import '{module_name}' ({exc})") from None
+    scorer = getattr(module, func_name, None)
+    if not callable(scorer):
+        raise ConfigError(f"eval.scorer: '{module_name}' has no function '{func_name}'")
+    return scorer

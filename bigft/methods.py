@@ -63,6 +63,11 @@ def apply_freezing(model: Any, cfg: MethodConfig) -> None:
             f"method.freeze_first_layers {freeze_below} > the model's {n_layers} layers"
         )
     embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+    # Encoders keep position / token-type embeddings and their norm in one `embeddings`
+    # module: freezing the embeddings freezes all of it.
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if isinstance(embeddings, nn.Module):
+        embedding_ids |= {id(p) for p in embeddings.parameters()}
     for name, param in model.named_parameters():
         index = layer_index(name, layers_attr)
         frozen = (freeze_embeddings and id(param) in embedding_ids) or (
@@ -74,8 +79,8 @@ def apply_freezing(model: Any, cfg: MethodConfig) -> None:
         log.warning("the head is tied to the input embeddings, so it is frozen too")
 
 
-def lora_config(cfg: LoraConfig, use_dora: bool) -> Any:
-    """The peft LoraConfig for a causal LM."""
+def lora_config(cfg: LoraConfig, use_dora: bool, task_type: str = "CAUSAL_LM") -> Any:
+    """The peft LoraConfig; task_type SEQ_CLS also trains the new classification head."""
     import peft
 
     return peft.LoraConfig(
@@ -86,11 +91,11 @@ def lora_config(cfg: LoraConfig, use_dora: bool) -> Any:
         modules_to_save=list(cfg.modules_to_save) or None,
         use_rslora=cfg.use_rslora,
         use_dora=use_dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
-def apply_adapters(model: Any, cfg: MethodConfig) -> Any:
+def apply_adapters(model: Any, cfg: MethodConfig, task_type: str = "CAUSAL_LM") -> Any:
     """Wrap the (frozen) base in peft LoRA/DoRA adapters; QLoRA bases are prepared first."""
     require("peft", "lora", f"method {cfg.name}")
     import peft
@@ -103,7 +108,8 @@ def apply_adapters(model: Any, cfg: MethodConfig) -> Any:
         # below, the same way for every method.
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
-        return peft.get_peft_model(model, lora_config(cfg.lora, use_dora=cfg.name == "dora"))
+        config = lora_config(cfg.lora, use_dora=cfg.name == "dora", task_type=task_type)
+        return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise BigftError(f"method.lora: {exc}") from None
 
@@ -139,7 +145,8 @@ def apply_method(model: Any, cfg: Config) -> Any:
     if method.name == "freeze":
         apply_freezing(model, method)
     elif method.name in ADAPTER_METHODS:
-        model = apply_adapters(model, method)
+        task_type = "CAUSAL_LM" if cfg.task == "causal_lm" else "SEQ_CLS"
+        model = apply_adapters(model, method, task_type)
     apply_checkpointing(model, method)
     trainable, total = count_parameters(model)  # ZeRO-3 aware
     if trainable == 0:

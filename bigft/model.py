@@ -88,37 +88,102 @@ def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def load_model(cfg: ModelConfig, precision: str = "fp32", quant: QuantConfig | None = None) -> Any:
-    """AutoModelForCausalLM from a local directory or hub id, in the configured dtype.
+def load_model(
+    cfg: ModelConfig,
+    precision: str = "fp32",
+    quant: QuantConfig | None = None,
+    task: str = "causal_lm",
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+) -> Any:
+    """The model from a local directory or hub id, in the configured dtype.
 
-    With `quant` (method qlora) the linear layers are loaded as 4-bit `Linear4bit`, and
-    dtype 'auto' means the compute dtype.
+    task causal_lm: AutoModelForCausalLM. classification / regression:
+    AutoModelForSequenceClassification with a new head of len(label_names) classes (or one
+    output), on an encoder or a decoder (which pools its last non-pad token, so it needs
+    the pad id). With `quant` (method qlora) the linear layers are loaded as 4-bit
+    `Linear4bit`, and dtype 'auto' means the compute dtype.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from bigft._compat import disable_bnb_cpu_repack
 
     _check_source(cfg.name_or_path, "model.name_or_path")
+    _check_weights_format(cfg.name_or_path, cfg.allow_pickle)
     default = _DTYPES[quant.compute_dtype] if quant is not None else torch.float32
     dtype = _DTYPES.get(cfg.dtype, default)  # auto: fp32 master weights
     attn = pick_attn_implementation(cfg.attn_implementation)
     extra = quantization_kwargs(quant) if quant is not None else {}
+    auto_class: Any = AutoModelForCausalLM
+    if task != "causal_lm":
+        auto_class = AutoModelForSequenceClassification
+        extra.update(_head_kwargs(label_names, pad_token_id))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
             dtype=dtype,
             attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
+            # Pickled weights can run code when loaded; None lets transformers fall back.
+            use_safetensors=None if cfg.allow_pickle else True,
             **extra,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model '{cfg.name_or_path}': {_first_line(exc)}") from None
+        raise _load_error(cfg, exc) from None
     if quant is not None:
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # training; generation turns it back on explicitly
     log.info("loaded %s (%s, attention: %s)", cfg.name_or_path, dtype, attn)
     return model
+
+
+def _check_weights_format(name: str, allow_pickle: bool) -> None:
+    """A local model whose weights exist only as pickles is refused before transformers
+    sees it, with the one-line conversion; hub ids are checked by `use_safetensors`."""
+    path = Path(name).expanduser()
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickled:
+        convert = (
+            f'python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{name}').save_pretrained('{name}')\""
+        )
+        raise ModelError(
+            f"model.name_or_path '{name}' holds its weights only as a pickle ({pickled[0]}), "
+            f"which can run code when loaded; convert it once, where you trust the file "
+            f"({convert}), or set model.allow_pickle=true"
+        )
+
+
+def _load_error(cfg: ModelConfig, exc: BaseException) -> ModelError:
+    """transformers' loading errors, reworded where bigft's own settings are the cause."""
+    text = str(exc)
+    name = cfg.name_or_path
+    if "trust_remote_code" in text:
+        return ModelError(
+            f"model '{name}' ships its own modelling code (auto_map in its config.json), which "
+            "bigft runs only with model.trust_remote_code=true: read that code first"
+        )
+    hint = ""
+    if "safetensors" in text and not cfg.allow_pickle:
+        hint = " (bigft loads safetensors weights only unless model.allow_pickle=true)"
+    return ModelError(f"cannot load model '{name}': {_first_line(exc)}{hint}")
+
+
+def _head_kwargs(label_names: list[str] | None, pad_token_id: int | None) -> dict[str, Any]:
+    """from_pretrained arguments that size and name a sequence-classification head."""
+    kwargs: dict[str, Any] = {"pad_token_id": pad_token_id} if pad_token_id is not None else {}
+    if label_names is None:
+        return {**kwargs, "num_labels": 1, "problem_type": "regression"}
+    return {
+        **kwargs,
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+        "problem_type": "single_label_classification",
+    }
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

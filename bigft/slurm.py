@@ -26,7 +26,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from bigft import __version__
-from bigft.config import Config, SlurmConfig, dump_config, load_config, parse_override
+from bigft.config import (
+    Config,
+    SlurmConfig,
+    dump_config,
+    is_secret_name,
+    load_config,
+    parse_override,
+)
 from bigft.errors import BigftError, ConfigError
 from bigft.tracking import read_metrics
 
@@ -72,9 +79,13 @@ def time_seconds(limit: str) -> int | None:
     return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def job_env(s: SlurmConfig, config_dir: Path) -> list[tuple[str, str]]:
-    """Environment exported by the batch script: NCCL knobs, slurm.env, launch settings."""
-    env: list[tuple[str, str]] = []
+def job_env(s: SlurmConfig, config_dir: Path) -> list[tuple[str, str | None]]:
+    """Environment exported by the batch script: NCCL knobs, slurm.env, launch settings.
+
+    A secret (see `secret_env`) has no value here: the script reads it from the job's
+    environment, so it is never written to a file.
+    """
+    env: list[tuple[str, str | None]] = []
     if s.nccl_socket_ifname:
         env += [("NCCL_SOCKET_IFNAME", s.nccl_socket_ifname)]
         env += [("GLOO_SOCKET_IFNAME", s.nccl_socket_ifname)]
@@ -84,7 +95,7 @@ def job_env(s: SlurmConfig, config_dir: Path) -> list[tuple[str, str]]:
         env.append(("NCCL_DEBUG", s.nccl_debug))
     if s.nccl_heartbeat_timeout_s:
         env.append(("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(s.nccl_heartbeat_timeout_s)))
-    env += sorted(s.env.items())
+    env += [(k, None if is_secret_name(k) else v) for k, v in sorted(s.env.items())]
     env += [
         ("BIGFT_PYTHON", s.python or sys.executable),
         ("BIGFT_LAUNCHER", s.launcher),
@@ -201,9 +212,16 @@ def prepare_job(cfg: Config, source: Path) -> Path:
     return job_dir / "job.sbatch"
 
 
-def _slurm(*argv: str) -> subprocess.CompletedProcess[str]:
+def secret_env(s: SlurmConfig) -> dict[str, str]:
+    """slurm.env entries that hold credentials (WANDB_API_KEY, HF_TOKEN, ...: a name part
+    ending in KEY, TOKEN, SECRET or PASSWORD). They are kept out of the job files; `submit`
+    hands them to sbatch in its environment, which sbatch passes on to the job."""
+    return {k: v for k, v in s.env.items() if is_secret_name(k)}
+
+
+def _slurm(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, env=env)
     except FileNotFoundError:
         raise BigftError(f"'{argv[0]}' not found: run this on a Slurm login node") from None
 
@@ -218,9 +236,18 @@ def check_script(script: Path) -> str:
     return message.removeprefix("sbatch: ")
 
 
-def submit_script(script: Path, job_dir: Path, array_size: int | None = None) -> str:
-    """`sbatch --parsable`; the job id is appended to `job.json` beside the script."""
-    done = _slurm("sbatch", "--parsable", str(script))
+def submit_script(
+    script: Path,
+    job_dir: Path,
+    array_size: int | None = None,
+    secrets: dict[str, str] | None = None,
+) -> str:
+    """`sbatch --parsable`; the job id is appended to `job.json` beside the script.
+
+    `secrets` (from `secret_env`) reach the job through sbatch's environment only.
+    """
+    env = {**os.environ, **secrets} if secrets else None
+    done = _slurm("sbatch", "--parsable", str(script), env=env)
     if done.returncode != 0:
         reason = done.stderr.strip().removeprefix("sbatch: error: ")
         raise BigftError(f"sbatch failed for {script}: {reason}")

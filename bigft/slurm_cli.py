@@ -122,7 +122,7 @@ def submit(
     )  # fmt: skip
     cfg = slurm.load_job_config(config, overrides or [], flags)
     script = slurm.prepare_job(cfg, config)
-    job_id = slurm.submit_script(script, script.parent)
+    job_id = slurm.submit_script(script, script.parent, secrets=slurm.secret_env(cfg.slurm))
     print(job_id)
     _say(
         f"[green]submitted[/] job {job_id}: {script}\n"
@@ -182,7 +182,10 @@ def sweep(
         sys.stdout.write(script.read_text())
         _say(f"[green]wrote[/] {script} ({n} tasks); not submitted")
         return
-    job_id = slurm.submit_script(script, script.parent, array_size=n)
+    base = slurm.load_job_config(config, overrides or [], flags)
+    job_id = slurm.submit_script(
+        script, script.parent, array_size=n, secrets=slurm.secret_env(base.slurm)
+    )
     print(job_id)
     _say(f"[green]submitted[/] array job {job_id} with {n} tasks: {script}")
 

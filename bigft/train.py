@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from bigft import checkpoint as ckpt
-from bigft import preemption
-from bigft.config import Config, dump_config
+from bigft import faults, preemption
+from bigft.config import Config, dump_config, redacted_config
 from bigft.data import (
     Collator,
     PreparedData,
@@ -33,6 +35,7 @@ from bigft.data import (
     prepare_data,
     prompt_and_reference,
 )
+from bigft.data.labeled import LabelCollator, prepare_labeled
 from bigft.distributed import (
     BatchLayout,
     adopt_launcher_strategy,
@@ -41,15 +44,18 @@ from bigft.distributed import (
     check_fsdp_layers,
     engine_report,
     full_weights_digest,
+    peak_memory_mib,
     peak_rss_mib_per_rank,
+    resolve_precision,
     world_size_from_env,
 )
-from bigft.errors import BigftError
-from bigft.evaluate import evaluate_loss, exact_match, token_loss_sum
+from bigft.errors import BigftError, TrainingError
+from bigft.evaluate import evaluate_labeled, evaluate_loss, exact_match, load_scorer
+from bigft.losses import count_targets, loss_sum
 from bigft.methods import apply_method
 from bigft.model import count_parameters, load_model, load_tokenizer
 from bigft.optim import build_optimizer, build_scheduler, describe_groups
-from bigft.tracking import MetricsLog
+from bigft.tracking import MetricsLog, resolve_trackers, start_tracking, tensorboard_dir
 
 Batch = dict[str, torch.Tensor]
 
@@ -73,6 +79,9 @@ class Run:
     console: Console
     step: int = 0
     last_eval: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None  # classification: class names in id order
+    teacher: Any = None  # distillation teacher (frozen, eval mode)
+    best: dict[str, Any] = field(default_factory=dict)  # best eval.metric so far
     counters: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "targets": 0})
 
 
@@ -81,18 +90,35 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
     console = console or Console(stderr=True)
     adopt_launcher_strategy(cfg.parallel)
     layout = batch_layout(cfg.train, world_size_from_env(), _auto_micro_batch(cfg, console))
-    accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
+    trackers = resolve_trackers(cfg.logging.trackers)
+    accelerator = build_accelerator(
+        cfg.train, cfg.parallel, layout, trackers, tensorboard_dir(cfg.output_dir)
+    )
     if accelerator.num_processes != layout.world_size:
         layout = batch_layout(cfg.train, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = layout.grad_accum
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
+    label_names = None
     with accelerator.main_process_first():
-        data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
+        if cfg.task == "causal_lm":
+            data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
+        else:
+            data, label_names = prepare_labeled(
+                cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
+            )
 
+    if tracks_best(cfg) and data.validation is None:
+        raise BigftError(
+            "early stopping / keep_best / load_best_at_end evaluate the validation split: "
+            "set data.validation or data.split.validation"
+        )
+    if cfg.eval.scorer is not None:
+        load_scorer(cfg.eval.scorer)  # a bad name fails now, not at the first evaluation
+    packed = cfg.data.packing and cfg.task == "causal_lm"
     train_rows = (
         pack(data.train, cfg.train.seq_len, cfg.train.seed, tokenizer.pad_token_id)
-        if cfg.data.packing
+        if packed
         else data.train
     )
     loader = ShardedLoader(
@@ -102,22 +128,27 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
         world_size=accelerator.num_processes,
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
-        collate=Collator(tokenizer.pad_token_id, packed=cfg.data.packing),
+        collate=make_collator(cfg, tokenizer),
     )
     total_steps = cfg.train.steps or max(
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)
     )
 
     quant = cfg.method.quant if cfg.method.name == "qlora" else None
-    model = apply_method(load_model(cfg.model, cfg.train.precision, quant), cfg)
+    model = load_model(
+        cfg.model, cfg.train.precision, quant, cfg.task, label_names, tokenizer.pad_token_id
+    )
+    model = apply_method(model, cfg)
+    teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator.device)
     check_fsdp_layers(model, cfg.parallel)
+    ckpt.check_disk_space(cfg.output_dir, model, cfg.optim.name, cfg.checkpoint.export)
     output_dir = _prepare_output_dir(cfg, accelerator)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by hand once per optimizer step (Accelerate would step it
-    # once per process), and saved with the checkpoint.
-    accelerator.register_for_checkpointing(scheduler)
+    # once per process). Its state is saved in trainer_state.json, not registered with
+    # Accelerate, which would pickle it and unpickle it with full trust on resume.
 
     run = Run(
         cfg,
@@ -131,11 +162,35 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
         layout,
         total_steps,
         output_dir,
-        MetricsLog(output_dir, accelerator.is_main_process),
+        start_tracking(accelerator, output_dir, cfg.logging, redacted_config(cfg)),
         console,
+        label_names=label_names,
+        teacher=teacher,
     )
     _maybe_resume(run)
     return run
+
+
+def make_collator(cfg: Config, tokenizer: Any) -> Callable[[list[Any]], Batch]:
+    """Batches for the task: token rows (packed or padded) or labelled rows."""
+    if cfg.task == "causal_lm":
+        return Collator(tokenizer.pad_token_id, packed=cfg.data.packing)
+    return LabelCollator(tokenizer.pad_token_id, regression=cfg.task == "regression")
+
+
+def _load_teacher(
+    cfg: Config, label_names: list[str] | None, pad_token_id: int, device: torch.device
+) -> Any:
+    """distill.teacher, frozen in eval mode on this process's device (not sharded: the
+    teacher is expected to fit beside the student)."""
+    if cfg.distill.teacher is None:
+        return None
+    teacher_cfg = cfg.model.model_copy(update={"name_or_path": cfg.distill.teacher})
+    teacher = load_model(
+        teacher_cfg, cfg.train.precision, None, cfg.task, label_names, pad_token_id
+    )
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
 
 
 def _auto_micro_batch(cfg: Config, console: Console) -> int | None:
@@ -166,15 +221,31 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def _maybe_resume(run: Run) -> None:
+    for note in ckpt.clean_partial(run.accelerator, run.output_dir):
+        _print(run, note)
     path = ckpt.resolve_resume(run.cfg.train.resume, run.output_dir)
     if path is None:
         return
     ckpt.check_compatible(path, run.cfg.parallel.strategy, run.accelerator.num_processes)
-    state = ckpt.load_checkpoint(run.accelerator, path)
+    state = ckpt.load_checkpoint(run.accelerator, path, run.cfg.model.allow_pickle)
     run.step = int(state["step"])
+    _restore_scheduler(run.scheduler, state.get("scheduler"), run.step)
     run.counters.update(state.get("counters", {}))
+    run.best = state.get("best", {})
     run.loader.load_state_dict(state["loader"])
     _print(run, f"resumed from {path} at step {run.step}")
+
+
+def _restore_scheduler(scheduler: Any, state: dict[str, Any] | None, step: int) -> None:
+    """Load the saved schedule; checkpoints older than that field stepped it `step` times
+    (bigft's schedules are functions of the step count alone)."""
+    if state is not None:
+        scheduler.load_state_dict(state)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler stepped before the optimizer"
+        for _ in range(step):
+            scheduler.step()
 
 
 def _print(run: Run, message: str) -> None:
@@ -187,6 +258,8 @@ def _trainer_state(run: Run) -> dict[str, Any]:
         "step": run.step,
         "loader": run.loader.state_dict(),
         "counters": run.counters,
+        "best": run.best,
+        "scheduler": run.scheduler.state_dict(),
         "strategy": run.cfg.parallel.strategy,
         "world_size": run.accelerator.num_processes,
     }
@@ -201,7 +274,7 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     processes; the scale below undoes both.
     """
     acc, model = run.accelerator, run.model
-    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    local_targets = sum(count_targets(b) for b in micro_batches)
     # One collective per step carries the token counts and any process's stop request.
     counts = torch.tensor(
         [
@@ -216,33 +289,92 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     scale = run.layout.grad_accum * acc.num_processes / max(global_targets, 1.0)
 
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
-    grad_norm = None
+    update: dict[str, float] = {}
     for batch in micro_batches:
         with acc.accumulate(model):
-            loss_sum, _ = token_loss_sum(model, batch)
-            acc.backward(loss_sum * scale)
-            loss_total += loss_sum.detach().double()
-            if acc.sync_gradients and run.cfg.train.max_grad_norm is not None:
-                grad_norm = acc.clip_grad_norm_(model.parameters(), run.cfg.train.max_grad_norm)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-    if grad_norm is None and hasattr(model, "get_global_grad_norm"):
-        grad_norm = model.get_global_grad_norm()  # DeepSpeed clips (and measures) itself
+            summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run))
+            summed = faults.nonfinite_loss(summed, run.step + 1, acc.process_index)
+            acc.backward(summed * scale)
+            loss_total += summed.detach().double()
+            if acc.sync_gradients:  # the step's last micro-batch: update, or skip it
+                update = _apply_update(run, loss_total, global_targets)
+    # A skipped step still advances the schedule: lr stays a function of the step number,
+    # the same whether or not a run was interrupted and resumed.
     run.scheduler.step()
-    loss = acc.reduce(loss_total, reduction="sum").item() / max(global_targets, 1.0)
     return {
-        "loss": loss,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        **update,
         "tokens": global_tokens,
         "targets": global_targets,
         "stop_requests": stop_requests,
     }
 
 
+def _apply_update(run: Run, loss_total: torch.Tensor, global_targets: float) -> dict[str, float]:
+    """Clip, agree on finiteness, then step the optimizer or skip the update.
+
+    The step's loss reduce doubles as the vote: a sum is NaN/inf when any process's
+    addend is, so every process reaches the same decision without another collective.
+    The clipped gradient norm is global already (DDP's all-reduced gradients, FSDP2's
+    reduced norm). fp16 loss scalers overflow on purpose while they calibrate and skip
+    those updates themselves, so under fp16 only the loss is checked. DeepSpeed updates
+    inside backward and skips steps with non-finite gradients itself (its overflow check;
+    seen with ZeRO-2/3 in fp32, with and without clipping); `applied` reports what it did.
+    """
+    acc, model, train = run.accelerator, run.model, run.cfg.train
+    grad_norm = None
+    if train.max_grad_norm is not None:
+        grad_norm = acc.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+    if grad_norm is None and hasattr(model, "get_global_grad_norm"):
+        grad_norm = model.get_global_grad_norm()  # DeepSpeed clips (and measures) itself
+    check_grads = resolve_precision(train.precision) != "fp16"
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    # Without clipping there is no norm: each process checks its own (shard of the)
+    # gradients and the flag rides in the same reduce.
+    own_check = check_grads and grad_norm is None and not deepspeed
+    bad_grads = float(own_check and _grads_nonfinite(model))
+    votes = torch.stack([loss_total, loss_total.new_tensor(bad_grads)])
+    loss_sum_all, bad_anywhere = acc.reduce(votes, reduction="sum").tolist()
+    loss = loss_sum_all / max(global_targets, 1.0)
+    norm = float(grad_norm) if grad_norm is not None else float("nan")
+    nonfinite = (
+        not math.isfinite(loss)
+        or bad_anywhere > 0
+        or (check_grads and grad_norm is not None and not math.isfinite(norm))
+    )
+    # Only bigft's own step can be held back: DeepSpeed stepped in backward, and a
+    # GradScaler must see the step to lower its scale (it skips the update itself).
+    skip = nonfinite and not deepspeed and acc.scaler is None
+    if not skip:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    applied = not skip and not acc.optimizer_step_was_skipped
+    return {"loss": loss, "grad_norm": norm, "nonfinite": nonfinite, "applied": applied}
+
+
+def _grads_nonfinite(model: Any) -> bool:
+    """Whether this process's gradients hold a NaN/inf (one host sync, not one per tensor)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return False
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 shards
+    return not bool(torch.stack([g.isfinite().all() for g in local]).all())
+
+
+def _distill_args(run: Run) -> tuple[float, float]:
+    return run.cfg.distill.temperature, run.cfg.distill.weight
+
+
 def _real_tokens(batch: Batch) -> int:
+    """Input tokens that are not padding (packed rows: positions inside a sequence)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int((batch["labels"] != -100).sum() + (batch["position_ids"] == 0).sum())
+    # A packed row ends with an optional padding tail that restarts at position 0 and
+    # holds no target; every real sequence holds at least one target.
+    pos, labels = batch["position_ids"], batch["labels"]
+    index = torch.arange(pos.size(1), device=pos.device).expand_as(pos)
+    last_start = torch.where(pos == 0, index, 0).max(dim=1).values
+    last_is_real = ((labels != -100) & (index >= last_start[:, None])).any(dim=1)
+    return int(torch.where(last_is_real, pos.size(1), last_start).sum())
 
 
 def _next_micro_batches(run: Run, batches: Iterator[Batch]) -> list[Batch]:
@@ -259,15 +391,8 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     preempted job would (the final evaluation and export are skipped).
     """
     cfg, acc = run.cfg, run.accelerator
-    trainable, total = count_parameters(acc.unwrap_model(run.model))
-    _print(
-        run,
-        f"[bold]bigft[/] {cfg.model.name_or_path} | {trainable:,}/{total:,} trainable | "
-        f"{cfg.parallel.strategy} x {acc.num_processes} process(es) | "
-        f"micro-batch {run.layout.micro_batch_size} x accum {run.layout.grad_accum} = "
-        f"global {run.layout.global_batch_size} | "
-        f"{run.total_steps} steps | {run.output_dir}",
-    )
+    if acc.is_main_process:
+        run.console.print(startup_summary(run))
     _print(run, describe_groups(run.optimizer))
     if cfg.eval.at_start and run.step == 0:
         _evaluate(run)
@@ -281,8 +406,10 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
             run.step += 1
             run.counters["tokens"] += stats["tokens"]
             run.counters["targets"] += stats["targets"]
+            _count_skipped(run, stats)
             window_tokens += stats["tokens"]
-            if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+            due = run.step % cfg.train.log_every == 0 or run.step == run.total_steps
+            if due or stats["nonfinite"]:  # a skipped step is always logged
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": run.step,
@@ -291,6 +418,8 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                     "grad_norm": round(stats["grad_norm"], 6),
                     "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
                     "epoch": round(_epoch(run.loader), 4),
+                    "mem_mib": peak_memory_mib(acc),
+                    "skipped_steps": int(run.counters.get("skipped_steps", 0)),
                 }
                 run.metrics.write(record)
                 progress.update(
@@ -300,12 +429,10 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 )
                 window_start, window_tokens = time.perf_counter(), 0.0
             progress.update(task, completed=run.step)
-            if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
-                _evaluate(run)
-            if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
-                ckpt.save_checkpoint(
-                    acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
-                )
+            _stop_if_nonfinite(run, stats)
+            if _evaluate_and_checkpoint(run):
+                _print(run, f"early stopping at step {run.step}: {_best_text(run)}")
+                break
             reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
                 ckpt.save_checkpoint(
@@ -314,6 +441,193 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 _print(run, f"stopped at step {run.step} ({reason}); checkpoint written")
                 return {"steps": run.step, "stopped": reason, "output_dir": str(run.output_dir)}
     return _finish(run)
+
+
+def _count_skipped(run: Run, stats: dict[str, float]) -> None:
+    """Count and report a step whose update was held back for non-finite values."""
+    if stats["nonfinite"] and not stats["applied"]:
+        run.counters["skipped_steps"] = run.counters.get("skipped_steps", 0) + 1
+        _print(
+            run,
+            f"[yellow]step {run.step}: {_nonfinite_text(stats)}: update skipped[/] "
+            f"({int(run.counters['skipped_steps'])} so far)",
+        )
+
+
+def _stop_if_nonfinite(run: Run, stats: dict[str, float]) -> None:
+    """train.nonfinite stop (or too many skips): checkpoint the state, which the held-back
+    update left as it was before this step, and end the run with an error.
+
+    Resuming from that checkpoint continues after the offending batch.
+    """
+    if not stats["nonfinite"]:
+        return
+    train, what = run.cfg.train, f"step {run.step}: {_nonfinite_text(stats)}"
+    if stats["applied"]:  # an engine that updated anyway (DeepSpeed, overflow check off)
+        raise TrainingError(
+            f"{what}, and the engine applied the update: the weights are no longer "
+            "trustworthy; resume from an earlier checkpoint (train.resume=<its directory>)"
+        )
+    skipped = int(run.counters.get("skipped_steps", 0))
+    if train.nonfinite == "stop":
+        reason = "train.nonfinite is stop"
+    elif train.max_skipped is not None and skipped > train.max_skipped:
+        reason = f"{skipped} steps skipped, more than train.max_skipped = {train.max_skipped}"
+    else:
+        return
+    path = ckpt.save_checkpoint(
+        run.accelerator,
+        run.output_dir,
+        run.step,
+        _trainer_state(run),
+        run.cfg.checkpoint.keep_last,
+    )
+    raise TrainingError(
+        f"{what}; stopped ({reason}). The update was not applied: {path} holds the weights "
+        f"of step {run.step - 1} and resumes after this batch (e.g. with a lower optim.lr)"
+    )
+
+
+def _nonfinite_text(stats: dict[str, float]) -> str:
+    loss, norm = stats["loss"], stats["grad_norm"]
+    return f"non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g})"
+
+
+def _evaluate_and_checkpoint(run: Run) -> bool:
+    """Scheduled evaluation and checkpoints; True when early stopping ends the run.
+
+    A new best eval.metric gets a checkpoint of its own when the run keeps the best
+    (keep_best, early stopping, load_best_at_end), and checkpoints/best.json names it.
+    """
+    cfg = run.cfg
+    improved = stop = False
+    if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
+        improved, stop = _update_best(run, _evaluate(run))
+    new_best = improved and tracks_best(cfg)
+    every = cfg.checkpoint.every_steps
+    periodic = every is not None and run.step % every == 0
+    if periodic or new_best:
+        path = ckpt.save_checkpoint(
+            run.accelerator,
+            run.output_dir,
+            run.step,
+            _trainer_state(run),
+            cfg.checkpoint.keep_last,
+        )
+        if new_best and run.accelerator.is_main_process:
+            ckpt.mark_best(run.output_dir, path, run.best)
+        run.accelerator.wait_for_everyone()
+    return stop
+
+
+def tracks_best(cfg: Config) -> bool:
+    """Whether the run keeps a best checkpoint."""
+    return (
+        cfg.checkpoint.keep_best
+        or cfg.checkpoint.load_best_at_end
+        or cfg.eval.early_stopping.patience is not None
+    )
+
+
+def _update_best(run: Run, result: dict[str, Any]) -> tuple[bool, bool]:
+    """(improved, patience exhausted) after an evaluation."""
+    e = run.cfg.eval
+    value = result.get(e.metric)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        if tracks_best(run.cfg):
+            raise BigftError(
+                f"eval.metric '{e.metric}' is not among this run's evaluation results "
+                f"({', '.join(_scalars(result)) or 'none'})"
+            )
+        return False, False
+    best = run.best
+    if not best:
+        improved = True
+    else:
+        change = value - best["value"] if e.higher_is_better else best["value"] - value
+        improved = change > e.early_stopping.min_delta
+    if improved:
+        run.best = {"metric": e.metric, "value": value, "step": run.step, "bad_evals": 0}
+    else:
+        best["bad_evals"] += 1
+    patience = e.early_stopping.patience
+    return improved, patience is not None and run.best["bad_evals"] >= patience
+
+
+def _best_text(run: Run) -> str:
+    b = run.best
+    return f"best {b['metric']} {b['value']:.4f} at step {b['step']}" if b else "no best yet"
+
+
+def startup_summary(run: Run) -> Table:
+    """What is about to run, on one screen: model, method, layout, memory plan, data,
+    batch and steps, output directory."""
+    cfg, acc, layout = run.cfg, run.accelerator, run.layout
+    trainable, total = count_parameters(acc.unwrap_model(run.model))
+    method = cfg.method.name + (
+        f" r={cfg.method.lora.r}" if cfg.method.name in ("lora", "dora", "qlora") else ""
+    )
+    if run.teacher is not None:
+        method += f" + distillation from {cfg.distill.teacher}"
+    stats = run.data.stats
+    data_lines = [
+        f"{name} {s.rows_kept:,} rows, {s.tokens:,} tokens (p50 {s.length_p50}, max {s.length_max})"
+        for name, s in stats.splits.items()
+    ]
+    if stats.packing_efficiency is not None:
+        data_lines.append(
+            f"packed into {stats.packed_rows:,} rows of {stats.seq_len} "
+            f"({stats.packing_efficiency:.1%} filled)"
+        )
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("model", f"{cfg.model.name_or_path} ({cfg.task})"),
+        ("parameters", f"{trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})"),
+        ("method", method),
+        (
+            "layout",
+            f"{cfg.parallel.strategy} x {acc.num_processes} process(es), "
+            f"precision {cfg.train.precision}",
+        ),
+        ("memory plan", _memory_plan_text(run)),
+        ("data", "\n".join(data_lines)),
+        (
+            "batch",
+            f"micro-batch {layout.micro_batch_size} x accum {layout.grad_accum} x "
+            f"{acc.num_processes} = global {layout.global_batch_size} rows of seq_len "
+            f"{cfg.train.seq_len}",
+        ),
+        ("steps", f"{run.total_steps:,}" + (f" (resuming at {run.step})" if run.step else "")),
+        ("output", str(run.output_dir)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _memory_plan_text(run: Run) -> str:
+    """The planner's predicted peak per GPU for this run, or why there is none."""
+    if run.cfg.task != "causal_lm":
+        return "not planned for sequence-classification models"
+    try:
+        from bigft.plan import choose_micro_batch
+
+        _, report = choose_micro_batch(
+            run.cfg.model_copy(
+                update={
+                    "train": run.cfg.train.model_copy(
+                        update={"micro_batch_size": run.layout.micro_batch_size}
+                    )
+                }
+            ),
+            run.accelerator.num_processes,
+        )
+    except BigftError as exc:
+        return f"unavailable ({exc})"
+    where = report.gpu.name if report.gpu.memory_gib else "per GPU"
+    return f"predicted peak {report.total / 2**30:.2f} GiB {where}"
 
 
 def _stop_reason(run: Run, stop_after: int | None, stop_requests: float) -> str | None:
@@ -347,7 +661,7 @@ def _eval_batches(run: Run, split: str) -> Iterator[Batch]:
     rows = getattr(run.data, split)
     if rows is None or len(rows) == 0:
         return iter(())
-    if run.cfg.data.packing:
+    if run.cfg.data.packing and run.cfg.task == "causal_lm":
         rows = pack(rows, run.cfg.train.seq_len, run.cfg.train.seed, run.tokenizer.pad_token_id)
     loader = ShardedLoader(
         rows,
@@ -356,7 +670,7 @@ def _eval_batches(run: Run, split: str) -> Iterator[Batch]:
         world_size=run.accelerator.num_processes,
         seed=run.cfg.train.seed,
         shuffle=False,
-        collate=Collator(run.tokenizer.pad_token_id, packed=run.cfg.data.packing),
+        collate=make_collator(run.cfg, run.tokenizer),
         drop_last=False,
     )
     # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
@@ -376,7 +690,8 @@ def _fill_batches(
         batch = next(batches, None)
         if batch is None:
             filler = last if last is not None else first_row()
-            batch = {**filler, "labels": torch.full_like(filler["labels"], -100)}
+            blank = float("nan") if filler["labels"].is_floating_point() else -100
+            batch = {**filler, "labels": torch.full_like(filler["labels"], blank)}
         last = batch
         yield batch
 
@@ -393,7 +708,10 @@ def _evaluate(run: Run, split: str = "validation") -> dict[str, Any]:
     """Eval loss/perplexity (all processes) and, if enabled, exact match (every process
     generates the same examples, so sharded engines stay in step)."""
     result: dict[str, Any] = {}
-    if getattr(run.data, split) is not None:
+    if getattr(run.data, split) is not None and run.cfg.task != "causal_lm":
+        batches = _eval_batches(run, split)
+        result.update(evaluate_labeled(run.model, batches, run.accelerator, run.label_names))
+    elif getattr(run.data, split) is not None:
         result.update(evaluate_loss(run.model, _eval_batches(run, split), run.accelerator))
     gen = run.cfg.eval.generate
     rows = getattr(run.data, split)
@@ -409,6 +727,11 @@ def _evaluate(run: Run, split: str = "validation") -> dict[str, Any]:
         )
         result["exact_match"] = scored["exact_match"]
         result["samples"] = scored["samples"][:8]
+        if run.cfg.eval.scorer is not None:
+            scorer = load_scorer(run.cfg.eval.scorer)
+            predictions = [s["prediction"] for s in scored["samples"]]
+            references = [s["reference"] for s in scored["samples"]]
+            result.update(scorer(predictions, references))
     if split == "validation":
         run.last_eval = result
     if result:
@@ -427,8 +750,11 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
 
 def _finish(run: Run) -> dict[str, Any]:
     cfg = run.cfg
+    loaded_best = _load_best(run)
     summary: dict[str, Any] = {
         "steps": run.step,
+        "early_stopped": run.step < run.total_steps,
+        "skipped_steps": int(run.counters.get("skipped_steps", 0)),
         "world_size": run.accelerator.num_processes,
         "global_batch_size": run.layout.global_batch_size,
         "engine": engine_report(run.accelerator, run.model),
@@ -437,12 +763,14 @@ def _finish(run: Run) -> dict[str, Any]:
         "output_dir": str(run.output_dir),
     }
     every = cfg.eval.every_steps
-    evaluated_now = every is not None and run.step % every == 0
+    evaluated_now = every is not None and run.step % every == 0 and not loaded_best
+    if run.best:
+        summary["best"] = {**run.best, "checkpoint": str(ckpt.best_checkpoint(run.output_dir))}
     if run.data.validation is not None:
         summary["validation"] = run.last_eval if evaluated_now and run.last_eval else _evaluate(run)
     if run.data.test is not None:
         summary["test"] = _evaluate(run, "test")
-    if cfg.checkpoint.every_steps:
+    if cfg.checkpoint.every_steps and not loaded_best:
         ckpt.save_checkpoint(
             run.accelerator,
             run.output_dir,
@@ -460,6 +788,21 @@ def _finish(run: Run) -> dict[str, Any]:
     return summary
 
 
+def _load_best(run: Run) -> bool:
+    """checkpoint.load_best_at_end: bring back the best checkpoint's weights (True if the
+    weights changed)."""
+    if not (run.cfg.checkpoint.load_best_at_end and run.best):
+        return False
+    if run.best["step"] == run.step:
+        return False
+    path = ckpt.best_checkpoint(run.output_dir)
+    if path is None:
+        raise BigftError(f"{run.output_dir}: checkpoints/best.json names no complete checkpoint")
+    ckpt.load_checkpoint(run.accelerator, path)
+    _print(run, f"loaded the best checkpoint {path} ({_best_text(run)})")
+    return True
+
+
 def run_training(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     """`bigft train`: set up, train, evaluate, export."""
     preemption.install()
@@ -468,3 +811,58 @@ def run_training(cfg: Config, console: Console | None = None) -> dict[str, Any]:
         return train(run)
     finally:
         run.accelerator.end_training()
+
+
+def run_evaluation(cfg: Config, splits: tuple[str, ...], console: Console) -> dict[str, Any]:
+    """`bigft eval`: score cfg.model on the configured validation / test data, no training.
+
+    A classification model's own label names (config.id2label) fix the class ids, so
+    labels in the data are matched by name, as they were in training.
+    """
+    layout = batch_layout(cfg.train, world_size_from_env(), None)
+    accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
+    tokenizer = load_tokenizer(cfg.model)
+    label_names = None
+    if cfg.task == "causal_lm":
+        data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
+    else:
+        if cfg.task == "classification" and cfg.data.label_names is None:
+            cfg.data.label_names = _model_label_names(cfg.model.name_or_path)
+        data, label_names = prepare_labeled(
+            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
+        )
+    model = load_model(
+        cfg.model, cfg.train.precision, None, cfg.task, label_names, tokenizer.pad_token_id
+    )
+    model = accelerator.prepare(model)
+    run = Run(
+        cfg,
+        accelerator,
+        model,
+        tokenizer,
+        None,
+        None,
+        None,  # type: ignore[arg-type]  # no training loader
+        data,
+        layout,
+        0,
+        Path(cfg.output_dir),
+        MetricsLog(cfg.output_dir, enabled=False),
+        console,
+        label_names=label_names,
+    )
+    results = {split: _evaluate(run, split) for split in splits if getattr(data, split)}
+    if not results:
+        raise BigftError(f"no {' or '.join(splits)} rows to evaluate: pass --data FILE")
+    return results
+
+
+def _model_label_names(model_dir: str) -> list[str] | None:
+    """The class names a classification model was trained with, if it records them."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    default = [f"LABEL_{i}" for i in range(len(names))]
+    return names if len(names) >= 2 and names != default else None

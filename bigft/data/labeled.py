@@ -1,0 +1,198 @@
+"""Rows with a label: data for `task: classification` and `task: regression`.
+
+Each row holds a text (data.text_field), optionally a second text (data.text_pair_field)
+and a label (data.label_field). Class labels may be strings or integers: strings are
+mapped to ids through data.label_names (default: the sorted distinct training labels),
+integers index that list. Splits, seeds and error messages follow the causal-LM pipeline:
+every bad row is reported by file and line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from bigft.config import DataConfig
+from bigft.data.pipeline import DataStats, PreparedData, SplitStats, split_indices
+from bigft.data.sources import load_rows, row_location
+from bigft.errors import DataError
+
+IGNORE_LABEL = -100
+
+
+def label_names_from(cfg: DataConfig) -> list[str]:
+    """The class names in id order: data.label_names, or the sorted distinct labels of the
+    training files (integers sort numerically)."""
+    if cfg.label_names is not None:
+        if len(set(cfg.label_names)) != len(cfg.label_names) or len(cfg.label_names) < 2:
+            raise DataError("data.label_names: list at least two distinct classes")
+        return list(cfg.label_names)
+    values: set[Any] = set()
+    for path in cfg.train_files:
+        rows = load_rows(path)
+        if cfg.label_field not in rows.column_names:
+            raise DataError(f"{path}: rows have no '{cfg.label_field}' column (data.label_field)")
+        values.update(v for v in rows[cfg.label_field] if v is not None)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        names = [str(v) for v in sorted(values)]
+    else:
+        names = sorted(str(v) for v in values)
+    if len(names) < 2:
+        raise DataError(
+            f"{', '.join(cfg.train_files)}: the training rows hold {len(names)} distinct "
+            f"label(s) in '{cfg.label_field}'; classification needs at least two"
+        )
+    return names
+
+
+class _Encode:
+    """Row -> input ids (truncated to seq_len) and label id / value, or an error string."""
+
+    def __init__(
+        self, cfg: DataConfig, tokenizer: Any, seq_len: int, names: list[str] | None
+    ) -> None:
+        self.cfg, self.tokenizer, self.seq_len = cfg, tokenizer, seq_len
+        self.ids = {name: i for i, name in enumerate(names)} if names is not None else None
+        # Integer labels in the file index data.label_names when those are the class names.
+        self.numeric_names = names is not None and all(n.lstrip("-").isdigit() for n in names)
+
+    def text(self, row: Mapping[str, Any], field: str) -> str:
+        value = row.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"'{field}' is missing or not a non-empty string")
+        return value
+
+    def label(self, row: Mapping[str, Any]) -> float | int:
+        value = row.get(self.cfg.label_field)
+        if value is None or isinstance(value, bool):
+            raise ValueError(f"'{self.cfg.label_field}' is missing")
+        if self.ids is None:  # regression
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"'{self.cfg.label_field}' {value!r} is not a number") from None
+            if not math.isfinite(number):
+                raise ValueError(f"'{self.cfg.label_field}' {value!r} is not finite")
+            return number
+        key = str(value)
+        if key in self.ids:
+            return self.ids[key]
+        if isinstance(value, int) and not self.numeric_names and 0 <= value < len(self.ids):
+            return value
+        raise ValueError(f"label {value!r} is not one of data.label_names {list(self.ids)[:10]}")
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"input_ids": [], "label": [], "error": [], "length": []}
+        size = len(next(iter(batch.values()))) if batch else 0
+        for i in range(size):
+            row = {key: values[i] for key, values in batch.items()}
+            try:
+                text = self.text(row, self.cfg.text_field)
+                pair = (
+                    self.text(row, self.cfg.text_pair_field) if self.cfg.text_pair_field else None
+                )
+                label = self.label(row)
+                enc = self.tokenizer(text, pair, truncation=True, max_length=self.seq_len)
+                ids, error = list(enc["input_ids"]), ""
+            except ValueError as exc:
+                ids, label, error = [], 0, str(exc)
+            out["input_ids"].append(ids)
+            out["label"].append(float(label) if self.ids is None else int(label))
+            out["error"].append(error)
+            out["length"].append(len(ids))
+        return out
+
+
+def prepare_labeled(
+    cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: str
+) -> tuple[PreparedData, list[str] | None]:
+    """Tokenize, validate and split labelled rows; returns the data and the class names
+    (None for regression)."""
+    names = label_names_from(cfg) if task == "classification" else None
+    encode = _Encode(cfg, tokenizer, seq_len, names)
+
+    def load(paths: list[str]) -> Dataset:
+        parts = []
+        for path in paths:
+            raw = load_rows(path)
+            out = raw.map(
+                encode,
+                batched=True,
+                remove_columns=raw.column_names,
+                load_from_cache_file=False,
+                keep_in_memory=True,
+                desc=f"tokenizing {path}",
+            )
+            errors = out["error"]
+            bad = next((i for i, e in enumerate(errors) if e), None)
+            if bad is not None:
+                raise DataError(f"{row_location(path, bad)}: {errors[bad]}")
+            parts.append(out.remove_columns("error"))
+        if len(parts) == 1:
+            return parts[0]
+        from datasets import concatenate_datasets
+
+        return concatenate_datasets(parts)
+
+    pool = load(cfg.train_files)
+    parts: dict[str, Dataset] = {}
+    sources = {"train": ", ".join(cfg.train_files)}
+    for name, path in (("validation", cfg.validation), ("test", cfg.test)):
+        if path:
+            parts[name] = load([path])
+            sources[name] = path
+    ratios = {n: getattr(cfg.split, n) for n in ("validation", "test") if n not in parts}
+    for name, indices in split_indices(len(pool), ratios, seed).items():
+        if name == "train" or len(indices):
+            parts[name] = pool.select(indices)
+            sources.setdefault(name, f"{ratios.get(name, 0):.0%} of train")
+    stats = {name: _stats(ds, sources[name], seq_len) for name, ds in parts.items()}
+    cleaned = {name: ds.remove_columns("length") for name, ds in parts.items()}
+    data = PreparedData(
+        cleaned["train"],
+        cleaned.get("validation"),
+        cleaned.get("test"),
+        DataStats(seq_len=seq_len, splits=stats),
+    )
+    return data, names
+
+
+def _stats(ds: Dataset, source: str, seq_len: int) -> SplitStats:
+    lengths = np.asarray(ds["length"], dtype=np.int64)
+    kept = np.minimum(lengths, seq_len)
+    stats = SplitStats(source=source, rows_loaded=len(ds), rows_kept=len(ds))
+    stats.truncated = int((lengths >= seq_len).sum())
+    if len(kept):
+        stats.length_p50, stats.length_p90, stats.length_p99 = (
+            int(np.percentile(kept, q, method="nearest")) for q in (50, 90, 99)
+        )
+        stats.length_max = int(kept.max())
+        stats.tokens = int(kept.sum())
+    stats.target_tokens = len(ds)  # one target per row
+    return stats
+
+
+class LabelCollator:
+    """Rows -> right-padded input_ids / attention_mask and a 1-D `labels` tensor (class ids
+    as long, regression targets as float). A -100 class label marks a filler row."""
+
+    def __init__(self, pad_token_id: int, regression: bool) -> None:
+        self.pad_token_id = pad_token_id
+        self.regression = regression
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(list(row["input_ids"]))
+            mask[i, :n] = 1
+        dtype = torch.float32 if self.regression else torch.long
+        labels = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

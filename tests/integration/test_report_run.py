@@ -1,0 +1,40 @@
+"""`bigft report` on the output_dir of a real (tiny) training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from bigft.cli import app
+from bigft.config import load_config
+from bigft.tracking import read_metrics
+from bigft.train import setup, train
+from tests.helpers import alpaca_rows, write_config, write_jsonl
+
+
+def test_report_of_a_real_run_states_its_final_numbers(tiny_base: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(48))
+    cfg = load_config(
+        write_config(tmp_path / "cfg.yaml", tiny_base, data),
+        ["train.steps=6", "eval.every_steps=3", "checkpoint.export=false"],
+    )
+    summary = train(setup(cfg))
+    out = Path(cfg.output_dir)
+
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    md = (out / "report" / "report.md").read_text()
+
+    final = [r for r in read_metrics(out) if "loss" in r and "split" not in r][-1]
+    assert final["step"] == 6
+    assert f"| final train loss | {final['loss']:.6g} (step 6) |" in md
+    eval_loss = summary["validation"]["eval_loss"]
+    assert f"| validation | eval_loss | {eval_loss:.6g} | 6 |" in md
+    assert f"| model | {tiny_base} |" in md and "| method | full |" in md
+    assert "| steps | 6 |" in md
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    for name in ("loss.png", "lr.png", "tokens_per_s.png", "grad_norm.png"):
+        assert (out / "report" / name).read_bytes()[:4] == b"\x89PNG", name
+        assert f"]({name})" in md
