@@ -222,7 +222,7 @@ def eval_(
 
     cfg, splits = evaluation_config(target, data, task, overrides or [])
     _quiet_libraries()
-    from bigft.train import run_evaluation
+    from bigft.evaluation import run_evaluation
 
     results = run_evaluation(cfg, splits, console)
     if os.environ.get("RANK", "0") == "0":

@@ -75,7 +75,8 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     from bigft.config import load_config
     from bigft.evaluate import exact_match
     from bigft.tiny import save_tiny_base
-    from bigft.train import generation_examples, setup, train
+    from bigft.train import setup, train
+    from bigft.validation import generation_examples
 
     base = save_tiny_base(output_dir / "base-model", **BASE_MODEL)
     cfg = load_config(

@@ -53,6 +53,28 @@ class MetricsLog:
         self.enabled = enabled
         self.accelerator = accelerator
 
+    def rewind(self, step: int) -> int:
+        """Drop records logged after `step` (a resumed run repeats those steps), so the
+        file reads like one uninterrupted run. Returns how many were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record_step = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut short by a kill
+                dropped += 1
+                continue
+            if isinstance(record_step, int) and record_step > step:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return dropped
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

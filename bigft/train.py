@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,12 @@ from bigft import checkpoint as ckpt
 from bigft import faults, preemption
 from bigft.config import Config, dump_config, redacted_config
 from bigft.data import (
-    Collator,
     PreparedData,
     ShardedLoader,
     pack,
     prepare_data,
-    prompt_and_reference,
 )
-from bigft.data.labeled import LabelCollator, prepare_labeled
+from bigft.data.labeled import make_collator, prepare_labeled
 from bigft.distributed import (
     BatchLayout,
     adopt_launcher_strategy,
@@ -50,12 +48,19 @@ from bigft.distributed import (
     world_size_from_env,
 )
 from bigft.errors import BigftError, TrainingError
-from bigft.evaluate import evaluate_labeled, evaluate_loss, exact_match, load_scorer
+from bigft.evaluate import load_scorer
 from bigft.losses import count_targets, loss_sum
 from bigft.methods import apply_method
 from bigft.model import count_parameters, load_model, load_tokenizer
 from bigft.optim import build_optimizer, build_scheduler, describe_groups
 from bigft.tracking import MetricsLog, resolve_trackers, start_tracking, tensorboard_dir
+from bigft.validation import (
+    best_text,
+    evaluate_split,
+    load_best,
+    tracks_best,
+    update_best,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -171,13 +176,6 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
     return run
 
 
-def make_collator(cfg: Config, tokenizer: Any) -> Callable[[list[Any]], Batch]:
-    """Batches for the task: token rows (packed or padded) or labelled rows."""
-    if cfg.task == "causal_lm":
-        return Collator(tokenizer.pad_token_id, packed=cfg.data.packing)
-    return LabelCollator(tokenizer.pad_token_id, regression=cfg.task == "regression")
-
-
 def _load_teacher(
     cfg: Config, label_names: list[str] | None, pad_token_id: int, device: torch.device
 ) -> Any:
@@ -233,6 +231,7 @@ def _maybe_resume(run: Run) -> None:
     run.counters.update(state.get("counters", {}))
     run.best = state.get("best", {})
     run.loader.load_state_dict(state["loader"])
+    run.metrics.rewind(run.step)  # steps after the checkpoint are about to run again
     _print(run, f"resumed from {path} at step {run.step}")
 
 
@@ -395,7 +394,7 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
         run.console.print(startup_summary(run))
     _print(run, describe_groups(run.optimizer))
     if cfg.eval.at_start and run.step == 0:
-        _evaluate(run)
+        evaluate_split(run)
     run.model.train()
     batches = iter(run.loader)
     with _progress(run) as progress:
@@ -431,7 +430,7 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
             progress.update(task, completed=run.step)
             _stop_if_nonfinite(run, stats)
             if _evaluate_and_checkpoint(run):
-                _print(run, f"early stopping at step {run.step}: {_best_text(run)}")
+                _print(run, f"early stopping at step {run.step}: {best_text(run)}")
                 break
             reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
@@ -502,7 +501,7 @@ def _evaluate_and_checkpoint(run: Run) -> bool:
     cfg = run.cfg
     improved = stop = False
     if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
-        improved, stop = _update_best(run, _evaluate(run))
+        improved, stop = update_best(run, evaluate_split(run))
     new_best = improved and tracks_best(cfg)
     every = cfg.checkpoint.every_steps
     periodic = every is not None and run.step % every == 0
@@ -518,45 +517,6 @@ def _evaluate_and_checkpoint(run: Run) -> bool:
             ckpt.mark_best(run.output_dir, path, run.best)
         run.accelerator.wait_for_everyone()
     return stop
-
-
-def tracks_best(cfg: Config) -> bool:
-    """Whether the run keeps a best checkpoint."""
-    return (
-        cfg.checkpoint.keep_best
-        or cfg.checkpoint.load_best_at_end
-        or cfg.eval.early_stopping.patience is not None
-    )
-
-
-def _update_best(run: Run, result: dict[str, Any]) -> tuple[bool, bool]:
-    """(improved, patience exhausted) after an evaluation."""
-    e = run.cfg.eval
-    value = result.get(e.metric)
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        if tracks_best(run.cfg):
-            raise BigftError(
-                f"eval.metric '{e.metric}' is not among this run's evaluation results "
-                f"({', '.join(_scalars(result)) or 'none'})"
-            )
-        return False, False
-    best = run.best
-    if not best:
-        improved = True
-    else:
-        change = value - best["value"] if e.higher_is_better else best["value"] - value
-        improved = change > e.early_stopping.min_delta
-    if improved:
-        run.best = {"metric": e.metric, "value": value, "step": run.step, "bad_evals": 0}
-    else:
-        best["bad_evals"] += 1
-    patience = e.early_stopping.patience
-    return improved, patience is not None and run.best["bad_evals"] >= patience
-
-
-def _best_text(run: Run) -> str:
-    b = run.best
-    return f"best {b['metric']} {b['value']:.4f} at step {b['step']}" if b else "no best yet"
 
 
 def startup_summary(run: Run) -> Table:
@@ -657,100 +617,9 @@ def _progress(run: Run) -> Progress:
     )
 
 
-def _eval_batches(run: Run, split: str) -> Iterator[Batch]:
-    rows = getattr(run.data, split)
-    if rows is None or len(rows) == 0:
-        return iter(())
-    if run.cfg.data.packing and run.cfg.task == "causal_lm":
-        rows = pack(rows, run.cfg.train.seq_len, run.cfg.train.seed, run.tokenizer.pad_token_id)
-    loader = ShardedLoader(
-        rows,
-        batch_size=run.cfg.eval.batch_size or run.layout.micro_batch_size,
-        rank=run.accelerator.process_index,
-        world_size=run.accelerator.num_processes,
-        seed=run.cfg.train.seed,
-        shuffle=False,
-        collate=make_collator(run.cfg, run.tokenizer),
-        drop_last=False,
-    )
-    # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
-    # run the same number of forwards, so a process short of rows repeats its last batch
-    # with every label masked (it adds nothing to the loss).
-    count = loader.batches_per_epoch
-    if run.cfg.eval.max_batches is not None:
-        count = min(count, run.cfg.eval.max_batches)
-    return _fill_batches(loader.iter_epoch(), count, lambda: loader.collate([rows[0]]))
-
-
-def _fill_batches(
-    batches: Iterator[Batch], count: int, first_row: Callable[[], Batch]
-) -> Iterator[Batch]:
-    last: Batch | None = None
-    for _ in range(count):
-        batch = next(batches, None)
-        if batch is None:
-            filler = last if last is not None else first_row()
-            blank = float("nan") if filler["labels"].is_floating_point() else -100
-            batch = {**filler, "labels": torch.full_like(filler["labels"], blank)}
-        last = batch
-        yield batch
-
-
-def generation_examples(rows: Any, tokenizer: Any, limit: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, reference answer) for the first `limit` held-out rows."""
-    n = min(limit, len(rows))
-    return [
-        prompt_and_reference(rows[i]["input_ids"], rows[i]["labels"], tokenizer) for i in range(n)
-    ]
-
-
-def _evaluate(run: Run, split: str = "validation") -> dict[str, Any]:
-    """Eval loss/perplexity (all processes) and, if enabled, exact match (every process
-    generates the same examples, so sharded engines stay in step)."""
-    result: dict[str, Any] = {}
-    if getattr(run.data, split) is not None and run.cfg.task != "causal_lm":
-        batches = _eval_batches(run, split)
-        result.update(evaluate_labeled(run.model, batches, run.accelerator, run.label_names))
-    elif getattr(run.data, split) is not None:
-        result.update(evaluate_loss(run.model, _eval_batches(run, split), run.accelerator))
-    gen = run.cfg.eval.generate
-    rows = getattr(run.data, split)
-    if gen.enabled and rows is not None and len(rows) and run.cfg.data.format != "text":
-        examples = generation_examples(rows, run.tokenizer, gen.num_examples)
-        scored = exact_match(
-            run.accelerator.unwrap_model(run.model),
-            run.tokenizer,
-            examples,
-            gen.max_new_tokens,
-            gen.batch_size,
-            run.accelerator.device,
-        )
-        result["exact_match"] = scored["exact_match"]
-        result["samples"] = scored["samples"][:8]
-        if run.cfg.eval.scorer is not None:
-            scorer = load_scorer(run.cfg.eval.scorer)
-            predictions = [s["prediction"] for s in scored["samples"]]
-            references = [s["reference"] for s in scored["samples"]]
-            result.update(scorer(predictions, references))
-    if split == "validation":
-        run.last_eval = result
-    if result:
-        run.metrics.write({"step": run.step, "split": split, **_scalars(result)})
-        shown = " ".join(
-            f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
-            for k, v in _scalars(result).items()
-        )
-        _print(run, f"step {run.step} {split}: {shown}")
-    return result
-
-
-def _scalars(result: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in result.items() if isinstance(v, int | float)}
-
-
 def _finish(run: Run) -> dict[str, Any]:
     cfg = run.cfg
-    loaded_best = _load_best(run)
+    loaded_best = load_best(run)
     summary: dict[str, Any] = {
         "steps": run.step,
         "early_stopped": run.step < run.total_steps,
@@ -767,9 +636,11 @@ def _finish(run: Run) -> dict[str, Any]:
     if run.best:
         summary["best"] = {**run.best, "checkpoint": str(ckpt.best_checkpoint(run.output_dir))}
     if run.data.validation is not None:
-        summary["validation"] = run.last_eval if evaluated_now and run.last_eval else _evaluate(run)
+        summary["validation"] = (
+            run.last_eval if evaluated_now and run.last_eval else evaluate_split(run)
+        )
     if run.data.test is not None:
-        summary["test"] = _evaluate(run, "test")
+        summary["test"] = evaluate_split(run, "test")
     if cfg.checkpoint.every_steps and not loaded_best:
         ckpt.save_checkpoint(
             run.accelerator,
@@ -788,21 +659,6 @@ def _finish(run: Run) -> dict[str, Any]:
     return summary
 
 
-def _load_best(run: Run) -> bool:
-    """checkpoint.load_best_at_end: bring back the best checkpoint's weights (True if the
-    weights changed)."""
-    if not (run.cfg.checkpoint.load_best_at_end and run.best):
-        return False
-    if run.best["step"] == run.step:
-        return False
-    path = ckpt.best_checkpoint(run.output_dir)
-    if path is None:
-        raise BigftError(f"{run.output_dir}: checkpoints/best.json names no complete checkpoint")
-    ckpt.load_checkpoint(run.accelerator, path)
-    _print(run, f"loaded the best checkpoint {path} ({_best_text(run)})")
-    return True
-
-
 def run_training(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     """`bigft train`: set up, train, evaluate, export."""
     preemption.install()
@@ -811,58 +667,3 @@ def run_training(cfg: Config, console: Console | None = None) -> dict[str, Any]:
         return train(run)
     finally:
         run.accelerator.end_training()
-
-
-def run_evaluation(cfg: Config, splits: tuple[str, ...], console: Console) -> dict[str, Any]:
-    """`bigft eval`: score cfg.model on the configured validation / test data, no training.
-
-    A classification model's own label names (config.id2label) fix the class ids, so
-    labels in the data are matched by name, as they were in training.
-    """
-    layout = batch_layout(cfg.train, world_size_from_env(), None)
-    accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
-    tokenizer = load_tokenizer(cfg.model)
-    label_names = None
-    if cfg.task == "causal_lm":
-        data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
-    else:
-        if cfg.task == "classification" and cfg.data.label_names is None:
-            cfg.data.label_names = _model_label_names(cfg.model.name_or_path)
-        data, label_names = prepare_labeled(
-            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
-        )
-    model = load_model(
-        cfg.model, cfg.train.precision, None, cfg.task, label_names, tokenizer.pad_token_id
-    )
-    model = accelerator.prepare(model)
-    run = Run(
-        cfg,
-        accelerator,
-        model,
-        tokenizer,
-        None,
-        None,
-        None,  # type: ignore[arg-type]  # no training loader
-        data,
-        layout,
-        0,
-        Path(cfg.output_dir),
-        MetricsLog(cfg.output_dir, enabled=False),
-        console,
-        label_names=label_names,
-    )
-    results = {split: _evaluate(run, split) for split in splits if getattr(data, split)}
-    if not results:
-        raise BigftError(f"no {' or '.join(splits)} rows to evaluate: pass --data FILE")
-    return results
-
-
-def _model_label_names(model_dir: str) -> list[str] | None:
-    """The class names a classification model was trained with, if it records them."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    id2label = getattr(config, "id2label", None) or {}
-    names = [str(id2label[i]) for i in sorted(id2label)]
-    default = [f"LABEL_{i}" for i in range(len(names))]
-    return names if len(names) >= 2 and names != default else None

@@ -10,14 +10,15 @@ every bad row is reported by file and line before any model is loaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
 
-from bigft.config import DataConfig
+from bigft.config import Config, DataConfig
+from bigft.data.packing import Collator
 from bigft.data.pipeline import DataStats, PreparedData, SplitStats, split_indices
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
@@ -196,3 +197,10 @@ class LabelCollator:
         dtype = torch.float32 if self.regression else torch.long
         labels = torch.tensor([r["label"] for r in rows], dtype=dtype)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_collator(cfg: Config, tokenizer: Any) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+    """Batches for the task: token rows (packed or padded) or labelled rows."""
+    if cfg.task == "causal_lm":
+        return Collator(tokenizer.pad_token_id, packed=cfg.data.packing)
+    return LabelCollator(tokenizer.pad_token_id, regression=cfg.task == "regression")

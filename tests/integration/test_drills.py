@@ -290,6 +290,15 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_equal(
     assert summary["weights_sha256_per_rank"] == reference["weights_sha256_per_rank"]
     assert not list(ckpt.checkpoint_root(out).glob("*.tmp"))
 
+    # Steps re-run after each resume replace the killed run's records: the log reads like
+    # the uninterrupted run's, loss for loss.
+    def losses(run_dir: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+    assert [s for s, _ in losses(out)] == list(range(1, 61))
+    got, want = losses(out), losses(Path(reference["output_dir"]))
+    assert [(s, v) for s, v in got if v == v] == [(s, v) for s, v in want if v == v]
+
 
 # ---------------------------------------------------------------------------------------
 # A process that dies inside a checkpoint write.

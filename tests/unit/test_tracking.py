@@ -135,3 +135,21 @@ def test_slurm_job_takes_secrets_from_the_environment_only(
     missing = run_job()
     assert missing.returncode != 0
     assert "WANDB_API_KEY" in missing.stderr and "secret" in missing.stderr
+
+
+def test_rewind_drops_records_after_the_resumed_step(tmp_path) -> None:
+    from bigft.tracking import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path, enabled=True)
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": 1.0 / step})
+    log.write({"step": 2, "split": "validation", "eval_loss": 0.7})
+    with log.path.open("a") as fh:
+        fh.write('{"step": 5, "loss"')  # cut short by a kill
+    assert log.rewind(2) == 3
+    assert [(r["step"], r.get("split")) for r in read_metrics(tmp_path)] == [
+        (1, None),
+        (2, None),
+        (2, "validation"),
+    ]
+    assert log.rewind(2) == 0

@@ -1,0 +1,177 @@
+"""Evaluation inside a run: eval batches, metrics per task, the best checkpoint and
+early stopping.
+
+`evaluate_split` scores one split (loss / perplexity and exact match for causal LM,
+accuracy / F1 / AUC or MSE / MAE for labelled tasks) on every process at once;
+`update_best` tracks eval.metric for keep_best, early stopping and load_best_at_end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bigft import checkpoint as ckpt
+from bigft.config import Config
+from bigft.data import ShardedLoader, pack, prompt_and_reference
+from bigft.data.labeled import make_collator
+from bigft.errors import BigftError
+from bigft.evaluate import evaluate_labeled, evaluate_loss, exact_match, load_scorer
+
+if TYPE_CHECKING:
+    from bigft.train import Run
+
+Batch = dict[str, torch.Tensor]
+
+
+def say(run: Run, message: str) -> None:
+    """Print on the main process only."""
+    if run.accelerator.is_main_process:
+        run.console.print(message)
+
+
+def tracks_best(cfg: Config) -> bool:
+    """Whether the run keeps a best checkpoint."""
+    return (
+        cfg.checkpoint.keep_best
+        or cfg.checkpoint.load_best_at_end
+        or cfg.eval.early_stopping.patience is not None
+    )
+
+
+def update_best(run: Run, result: dict[str, Any]) -> tuple[bool, bool]:
+    """(improved, patience exhausted) after an evaluation."""
+    e = run.cfg.eval
+    value = result.get(e.metric)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        if tracks_best(run.cfg):
+            raise BigftError(
+                f"eval.metric '{e.metric}' is not among this run's evaluation results "
+                f"({', '.join(scalars(result)) or 'none'})"
+            )
+        return False, False
+    best = run.best
+    if not best:
+        improved = True
+    else:
+        change = value - best["value"] if e.higher_is_better else best["value"] - value
+        improved = change > e.early_stopping.min_delta
+    if improved:
+        run.best = {"metric": e.metric, "value": value, "step": run.step, "bad_evals": 0}
+    else:
+        best["bad_evals"] += 1
+    patience = e.early_stopping.patience
+    return improved, patience is not None and run.best["bad_evals"] >= patience
+
+
+def best_text(run: Run) -> str:
+    b = run.best
+    return f"best {b['metric']} {b['value']:.4f} at step {b['step']}" if b else "no best yet"
+
+
+def eval_batches(run: Run, split: str) -> Iterator[Batch]:
+    rows = getattr(run.data, split)
+    if rows is None or len(rows) == 0:
+        return iter(())
+    if run.cfg.data.packing and run.cfg.task == "causal_lm":
+        rows = pack(rows, run.cfg.train.seq_len, run.cfg.train.seed, run.tokenizer.pad_token_id)
+    loader = ShardedLoader(
+        rows,
+        batch_size=run.cfg.eval.batch_size or run.layout.micro_batch_size,
+        rank=run.accelerator.process_index,
+        world_size=run.accelerator.num_processes,
+        seed=run.cfg.train.seed,
+        shuffle=False,
+        collate=make_collator(run.cfg, run.tokenizer),
+        drop_last=False,
+    )
+    # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
+    # run the same number of forwards, so a process short of rows repeats its last batch
+    # with every label masked (it adds nothing to the loss).
+    count = loader.batches_per_epoch
+    if run.cfg.eval.max_batches is not None:
+        count = min(count, run.cfg.eval.max_batches)
+    return _fill_batches(loader.iter_epoch(), count, lambda: loader.collate([rows[0]]))
+
+
+def _fill_batches(
+    batches: Iterator[Batch], count: int, first_row: Callable[[], Batch]
+) -> Iterator[Batch]:
+    last: Batch | None = None
+    for _ in range(count):
+        batch = next(batches, None)
+        if batch is None:
+            filler = last if last is not None else first_row()
+            blank = float("nan") if filler["labels"].is_floating_point() else -100
+            batch = {**filler, "labels": torch.full_like(filler["labels"], blank)}
+        last = batch
+        yield batch
+
+
+def generation_examples(rows: Any, tokenizer: Any, limit: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference answer) for the first `limit` held-out rows."""
+    n = min(limit, len(rows))
+    return [
+        prompt_and_reference(rows[i]["input_ids"], rows[i]["labels"], tokenizer) for i in range(n)
+    ]
+
+
+def evaluate_split(run: Run, split: str = "validation") -> dict[str, Any]:
+    """Eval loss/perplexity (all processes) and, if enabled, exact match (every process
+    generates the same examples, so sharded engines stay in step)."""
+    result: dict[str, Any] = {}
+    if getattr(run.data, split) is not None and run.cfg.task != "causal_lm":
+        batches = eval_batches(run, split)
+        result.update(evaluate_labeled(run.model, batches, run.accelerator, run.label_names))
+    elif getattr(run.data, split) is not None:
+        result.update(evaluate_loss(run.model, eval_batches(run, split), run.accelerator))
+    gen = run.cfg.eval.generate
+    rows = getattr(run.data, split)
+    if gen.enabled and rows is not None and len(rows) and run.cfg.data.format != "text":
+        examples = generation_examples(rows, run.tokenizer, gen.num_examples)
+        scored = exact_match(
+            run.accelerator.unwrap_model(run.model),
+            run.tokenizer,
+            examples,
+            gen.max_new_tokens,
+            gen.batch_size,
+            run.accelerator.device,
+        )
+        result["exact_match"] = scored["exact_match"]
+        result["samples"] = scored["samples"][:8]
+        if run.cfg.eval.scorer is not None:
+            scorer = load_scorer(run.cfg.eval.scorer)
+            predictions = [s["prediction"] for s in scored["samples"]]
+            references = [s["reference"] for s in scored["samples"]]
+            result.update(scorer(predictions, references))
+    if split == "validation":
+        run.last_eval = result
+    if result:
+        run.metrics.write({"step": run.step, "split": split, **scalars(result)})
+        shown = " ".join(
+            f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in scalars(result).items()
+        )
+        say(run, f"step {run.step} {split}: {shown}")
+    return result
+
+
+def scalars(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}
+
+
+def load_best(run: Run) -> bool:
+    """checkpoint.load_best_at_end: bring back the best checkpoint's weights (True if the
+    weights changed)."""
+    if not (run.cfg.checkpoint.load_best_at_end and run.best):
+        return False
+    if run.best["step"] == run.step:
+        return False
+    path = ckpt.best_checkpoint(run.output_dir)
+    if path is None:
+        raise BigftError(f"{run.output_dir}: checkpoints/best.json names no complete checkpoint")
+    ckpt.load_checkpoint(run.accelerator, path)
+    say(run, f"loaded the best checkpoint {path} ({best_text(run)})")
+    return True
