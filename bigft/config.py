@@ -388,8 +388,12 @@ class ParallelConfig(Section):
         description="A DeepSpeed JSON used as the base instead of the generated one; batch, "
         "precision and clipping must agree with this config (checked).",
     )
-    reduce_bucket_size: int = Field(
-        50_000_000, gt=0, description="ZeRO: elements per gradient reduce bucket."
+    reduce_bucket_size: int | None = Field(
+        None,
+        gt=0,
+        description="ZeRO: elements per gradient reduce bucket; null: the model's "
+        "hidden_size squared (accelerate fills it in at prepare). ZeRO-3's prefetch bucket "
+        "(0.9 x) and parameter persistence threshold (10 x its square root) follow it.",
     )
     fsdp_layer_cls: list[str] | None = Field(
         None,
@@ -398,6 +402,13 @@ class ParallelConfig(Section):
     )
     fsdp_reshard_after_forward: bool = Field(
         True, description="FSDP2: free gathered parameters after forward (ZeRO-3-like)."
+    )
+    fsdp_cpu_ram_efficient_loading: bool = Field(
+        True,
+        description="FSDP2: only rank 0 reads the weights; the other ranks build the model "
+        "without them and receive their shards from rank 0 when it is sharded, so loading "
+        "needs one model copy of host RAM per machine instead of one per process. QLoRA's "
+        "4-bit weights are read by every rank (accelerate does not broadcast them).",
     )
 
 

@@ -8,6 +8,7 @@ runs and tests can prove it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,20 +72,31 @@ def batch_layout(
 def deepspeed_config(
     parallel: ParallelConfig, train: TrainConfig, layout: BatchLayout
 ) -> dict[str, Any]:
-    """A complete DeepSpeed config generated from bigft's settings (no 'auto' left)."""
+    """A complete DeepSpeed config generated from bigft's settings.
+
+    'auto' is left only in the bucket sizes when parallel.reduce_bucket_size is unset:
+    accelerate fills them from the model's hidden_size at prepare (zero.Init, earlier,
+    allocates no bucket). A fixed size does not fit every model: 5e7 elements are 190 MiB
+    per rank in fp32 whatever the model's size (bench/RESULTS.md, host RAM).
+    """
     stage = int(parallel.strategy[-1])
     precision = resolve_precision(train.precision)
+    bucket = parallel.reduce_bucket_size
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": parallel.reduce_bucket_size,
+        "reduce_bucket_size": bucket or "auto",
     }
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if stage == 3:
         # Without this, save_model on ZeRO-3 writes an empty state dict.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # accelerate's rule for hidden_size h: reduce bucket h^2, prefetch 0.9 h^2,
+        # parameters under 10 h elements stay gathered
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket) if bucket else "auto"
+        zero["stage3_param_persistence_threshold"] = 10 * math.isqrt(bucket) if bucket else "auto"
         if parallel.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
@@ -246,6 +258,9 @@ def build_accelerator(
             reshard_after_forward=parallel.fsdp_reshard_after_forward,
             cpu_offload=parallel.offload_params or parallel.offload_optimizer,
             state_dict_type="SHARDED_STATE_DICT",
+            # prepare() shards the model on the meta device and fills the shards from
+            # rank 0; load_model(from_rank0=True) spares the other ranks reading weights.
+            cpu_ram_efficient_loading=parallel.fsdp_cpu_ram_efficient_loading,
         )
         if cpu:
             _cpu_process_group()

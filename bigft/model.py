@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,7 @@ def load_model(
     task: str = "causal_lm",
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
+    from_rank0: bool = False,
 ) -> Any:
     """The model from a local directory or hub id, in the configured dtype.
 
@@ -103,6 +107,11 @@ def load_model(
     output), on an encoder or a decoder (which pools its last non-pad token, so it needs
     the pad id). With `quant` (method qlora) the linear layers are loaded as 4-bit
     `Linear4bit`, and dtype 'auto' means the compute dtype.
+
+    `from_rank0`: the engine copies rank 0's weights to every process when it prepares
+    the model (FSDP2 with parallel.fsdp_cpu_ram_efficient_loading), so the other ranks
+    build the model without reading any weight (see `_empty_model`). 4-bit models are
+    always read by every rank: accelerate does not broadcast them.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -119,22 +128,88 @@ def load_model(
         auto_class = AutoModelForSequenceClassification
         extra.update(_head_kwargs(label_names, pad_token_id))
     try:
-        model = auto_class.from_pretrained(
-            cfg.name_or_path,
-            revision=cfg.revision,
-            dtype=dtype,
-            attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code,
-            # Pickled weights can run code when loaded; None lets transformers fall back.
-            use_safetensors=None if cfg.allow_pickle else True,
-            **extra,
-        )
+        if from_rank0 and quant is None and _global_rank() != 0:
+            model = _empty_model(auto_class, cfg, dtype, attn, extra)
+        else:
+            with _every_rank_reads_weights():
+                model = auto_class.from_pretrained(
+                    cfg.name_or_path,
+                    revision=cfg.revision,
+                    dtype=dtype,
+                    attn_implementation=attn,
+                    trust_remote_code=cfg.trust_remote_code,
+                    # Pickled weights can run code when loaded; None lets transformers
+                    # fall back.
+                    use_safetensors=None if cfg.allow_pickle else True,
+                    **extra,
+                )
     except (OSError, ValueError) as exc:
         raise _load_error(cfg, exc) from None
     if quant is not None:
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # training; generation turns it back on explicitly
     log.info("loaded %s (%s, attention: %s)", cfg.name_or_path, dtype, attn)
+    return model
+
+
+def _global_rank() -> int:
+    """This process's rank in the job (0 when not distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextmanager
+def _every_rank_reads_weights() -> Iterator[None]:
+    """Load with transformers' own FSDP branch off (FSDP_CPU_RAM_EFFICIENT_LOADING, which
+    accelerate sets from the plugin). In transformers 5 that branch still reads every
+    weight on every rank, and on ranks other than local rank 0 it leaves weights missing
+    from the checkpoint (a new classification head) uninitialized: on the meta device, or
+    with whatever memory held for a 4-bit model. Harmless for a model that accelerate
+    overwrites from rank 0, broken for one it does not (4-bit weights, a distillation
+    teacher). bigft decides which ranks read weights itself (`from_rank0`)."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    saved = os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[key] = saved
+
+
+def _empty_model(
+    auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn: str, extra: dict[str, Any]
+) -> Any:
+    """The model's structure with uninitialized parameters, reading no weight file.
+
+    Parameters are created on the meta device and then given `torch.empty` storage: the
+    allocation reserves address space that the OS backs with memory only when written,
+    and nothing writes it: at prepare FSDP2 moves the model to meta, shards it and fills
+    the shards from rank 0. Real storage rather than meta tensors because accelerate maps
+    optimizer parameters to their shards by address, and meta tensors all share address
+    0. Buffers outside the state dict (rotary frequency tables) are not broadcast, so they
+    are built for real, as from_pretrained builds them. `extra` holds only config
+    arguments here (a classification head's labels): 4-bit models never come here.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra
+    )
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(
+            config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+        )
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            empty = torch.empty_like(param, device="cpu")
+            setattr(module, name, torch.nn.Parameter(empty, requires_grad=param.requires_grad))
+    # init_empty_weights re-creates every parameter it registers, which unties tied
+    # embeddings; the model's own rule ties them again.
+    model.tie_weights()
+    log.info(
+        "rank %d: built %s without weights; rank 0 sends them", _global_rank(), cfg.name_or_path
+    )
     return model
 
 

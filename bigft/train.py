@@ -141,7 +141,14 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
 
     quant = cfg.method.quant if cfg.method.name == "qlora" else None
     model = load_model(
-        cfg.model, cfg.train.precision, quant, cfg.task, label_names, tokenizer.pad_token_id
+        cfg.model,
+        cfg.train.precision,
+        quant,
+        cfg.task,
+        label_names,
+        tokenizer.pad_token_id,
+        # FSDP2 fills every rank's shards from rank 0 at prepare
+        from_rank0=cfg.parallel.strategy == "fsdp2" and cfg.parallel.fsdp_cpu_ram_efficient_loading,
     )
     model = apply_method(model, cfg)
     teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator.device)

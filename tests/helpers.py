@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,25 @@ def write_config(path: Path, model_dir: Path, train_file: Path, **sections: Any)
             config[name] = values
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(script: str | Path, *args: str, nproc: int = 2) -> list[str]:
+    """The command line that runs `script args...` in `nproc` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]

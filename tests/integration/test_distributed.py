@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigft.tracking import read_metrics
-from tests.helpers import alpaca_rows, write_config, write_jsonl
+from tests.helpers import alpaca_rows, free_port, torchrun, write_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +101,134 @@ def test_engine_trains_shards_exports_and_resumes(strategy: str, run_config: Pat
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=tol)
 
 
+LOAD_WORKER = """
+import json, resource, sys, torch
+from pathlib import Path
+from bigft.config import load_config
+from bigft.distributed import batch_layout, build_accelerator, full_weights_digest
+from bigft.model import load_model
+from bigft.optim import build_optimizer
+import transformers.models.llama.modeling_llama  # imported now, not counted as loading
+
+def rss_mib():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+acc = build_accelerator(cfg.train, cfg.parallel, batch_layout(cfg.train, 2))
+before = rss_mib()
+model = load_model(cfg.model, from_rank0=cfg.parallel.fsdp_cpu_ram_efficient_loading)
+load_mib = rss_mib() - before
+optimizer = build_optimizer(model, cfg.optim)
+model, optimizer = acc.prepare(model, optimizer)
+peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+start = full_weights_digest(acc, model)
+stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+ids = torch.arange(64).reshape(2, 32) % 200 + 4
+for _ in range(2):
+    acc.backward(model(input_ids=ids, labels=ids).loss)
+    optimizer.step()
+    optimizer.zero_grad()
+result = {
+    "load_mib": load_mib,
+    "peak_mib": peak_mib,
+    "start": start,
+    "end": full_weights_digest(acc, model),
+    "optimizer_steps_every_param": stepped == {id(p) for p in model.parameters()},
+}
+Path(sys.argv[2], f"rank{acc.process_index}.json").write_text(json.dumps(result))
+"""
+
+
+def test_fsdp2_reads_weights_on_rank0_only(tmp_path: Path) -> None:
+    """FSDP2 with fsdp_cpu_ram_efficient_loading: rank 1 materializes no copy of the
+    model while loading, yet after prepare both ranks hold the checkpoint's weights, the
+    optimizer steps every parameter, and two steps end on the same weights as loading on
+    every rank. A bf16 checkpoint trained in fp32 (every rank that reads it makes an fp32
+    copy) with tied embeddings."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    fp32_mib = sum(t.numel() * 4 for t in weights.values()) / 2**20
+    assert fp32_mib > 60  # large enough to stand out of the processes' RSS noise
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(8))
+    cfg = write_config(tmp_path / "cfg.yaml", base, data, parallel={"strategy": "fsdp2"})
+    worker = tmp_path / "worker.py"
+    worker.write_text(LOAD_WORKER)
+    results = {}
+    for rank0_only in (True, False):
+        out = tmp_path / str(rank0_only)
+        out.mkdir()
+        proc = subprocess.run(
+            torchrun(
+                str(worker),
+                str(cfg),
+                str(out),
+                f"parallel.fsdp_cpu_ram_efficient_loading={str(rank0_only).lower()}",
+            ),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())},
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[rank0_only] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    on, off = results[True], results[False]
+    # rank 0 reads the weights in both modes; rank 1 only when every rank loads
+    assert on[0]["load_mib"] > 0.75 * fp32_mib, on
+    assert off[1]["load_mib"] > 0.75 * fp32_mib, off
+    assert on[1]["load_mib"] < 0.25 * fp32_mib, on
+    assert on[1]["peak_mib"] < off[1]["peak_mib"] - 0.25 * fp32_mib, (on, off)
+    for rank in on + off:
+        assert rank["start"] == [digest(weights)] * 2  # both ranks hold the checkpoint
+        assert rank["optimizer_steps_every_param"]
+    assert on[0]["end"][0] == on[0]["end"][1] == off[0]["end"][0]
+    assert on[0]["start"] != on[0]["end"]  # the steps changed the weights
+
+
+def test_weights_missing_from_checkpoint_are_initialized_on_every_rank(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that is not local rank 0 of an FSDP run, loading a model whose new
+    classification head is not in the checkpoint (as a QLoRA model or a distillation
+    teacher is loaded, with no broadcast from rank 0 to repair it): transformers' own FSDP
+    branch would leave the head on the meta device; bigft's loading initializes it."""
+    from bigft.config import ModelConfig
+    from bigft.model import load_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        model = load_model(
+            ModelConfig(name_or_path=str(tiny_base)),
+            task="classification",
+            label_names=["a", "b"],
+            pad_token_id=0,
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+    head = model.score.weight
+    assert head.device.type == "cpu" and head.std() > 0
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"  # restored
+
+
 def test_zero2_with_optimizer_offload(run_config: Path) -> None:
     out = run_config.parent / "zero2-offload"
     summary = launch(
@@ -177,11 +305,7 @@ def test_launcher_and_config_disagree(run_config: Path, tmp_path: Path) -> None:
 
 def test_two_nodes_on_one_machine(run_config: Path) -> None:
     """Two launchers, --nnodes 2, c10d rendezvous on localhost: one job of world size 2."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = run_config.parent / "two-nodes"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [

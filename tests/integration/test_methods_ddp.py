@@ -7,15 +7,13 @@ All four were seen to train on CPU (same eval loss after 3 steps); the engine ru
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import alpaca_rows, write_config, write_jsonl
+from tests.helpers import alpaca_rows, torchrun, write_config, write_jsonl
 
 pytest.importorskip("bitsandbytes")
 
@@ -31,12 +29,6 @@ state = {n: p.detach().clone() for n, p in acc.unwrap_model(run.model).named_par
 out = f"{sys.argv[2]}/rank{acc.process_index}.pt"
 torch.save({"world": acc.num_processes, "state": state}, out)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -66,18 +58,7 @@ def test_qlora_two_processes(strategy: str, tiny_base: Path, tmp_path: Path) -> 
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(script),
-            str(cfg),
-            str(tmp_path),
-        ],
+        torchrun(str(script), str(cfg), str(tmp_path)),
         capture_output=True,
         text=True,
         env=env,

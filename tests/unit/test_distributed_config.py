@@ -31,7 +31,25 @@ def test_generated_zero3_config_is_complete() -> None:
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert zero["offload_param"]["device"] == "cpu"
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
-    assert "auto" not in json.dumps(cfg)
+    # only the bucket sizes wait for the model (accelerate fills them from hidden_size)
+    scaled = {
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+    }
+    assert {key: zero[key] for key in scaled} == scaled
+    rest = {**cfg, "zero_optimization": {k: v for k, v in zero.items() if k not in scaled}}
+    assert "auto" not in json.dumps(rest)
+
+
+def test_explicit_reduce_bucket_sizes_the_stage3_buckets() -> None:
+    """accelerate's hidden_size rule with h = sqrt(reduce_bucket_size), nothing left 'auto'."""
+    zero = make("zero3", reduce_bucket_size=768 * 768)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 589_824
+    assert zero["stage3_prefetch_bucket_size"] == 530_841
+    assert zero["stage3_param_persistence_threshold"] == 7_680
+    assert "auto" not in json.dumps(zero)
+    assert "stage3_prefetch_bucket_size" not in make("zero2")["zero_optimization"]
 
 
 def test_fp16_uses_dynamic_loss_scaling() -> None:
