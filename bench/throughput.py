@@ -52,6 +52,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bigft.tiny import SPECIAL_TOKENS as SPECIALS
+from bigft.tiny import wrap_tokenizer
+
 RUNS = (
     "bigft-packed",
     "bigft-padded",
@@ -60,7 +63,6 @@ RUNS = (
     "trl-packed",
     "trl-padding-free",
 )
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TEMPLATE_WORDS = ["###", "Instruction", "Input", "Response", ":"]
 READY = "READY"
 WINDOW = "WINDOW "
@@ -165,21 +167,11 @@ def make_words(count: int, seed: int) -> list[str]:
 def build_tokenizer(words: list[str]) -> Any:
     """Word-level fast tokenizer: one token per word or punctuation run, 8k-ish vocab."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS + TEMPLATE_WORDS + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    tokenizer.model_max_length = 4096
-    return tokenizer
+    return wrap_tokenizer(backend)
 
 
 def alpaca_rows(n: int, words: list[str], seq_len: int, seed: int) -> list[dict[str, str]]:

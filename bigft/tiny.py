@@ -18,12 +18,19 @@ def build_char_tokenizer() -> Any:
     Has pad/bos/eos/unk and no chat template, like many base-model tokenizers.
     """
     from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
+    return wrap_tokenizer(backend, add_bos_token=False)
+
+
+def wrap_tokenizer(backend: Any, **extra: Any) -> Any:
+    """A transformers fast tokenizer around a `tokenizers` backend whose vocabulary starts
+    with SPECIAL_TOKENS (pad, bos, eos, unk)."""
+    from transformers import PreTrainedTokenizerFast
+
     backend.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -31,7 +38,7 @@ def build_char_tokenizer() -> Any:
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        add_bos_token=False,
+        **extra,
     )
     tokenizer.model_max_length = 4096
     return tokenizer

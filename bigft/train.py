@@ -58,6 +58,7 @@ from bigft.validation import (
     best_text,
     evaluate_split,
     load_best,
+    say,
     tracks_best,
     update_best,
 )
@@ -227,7 +228,7 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 def _maybe_resume(run: Run) -> None:
     for note in ckpt.clean_partial(run.accelerator, run.output_dir):
-        _print(run, note)
+        say(run, note)
     path = ckpt.resolve_resume(run.cfg.train.resume, run.output_dir)
     if path is None:
         return
@@ -239,7 +240,7 @@ def _maybe_resume(run: Run) -> None:
     run.best = state.get("best", {})
     run.loader.load_state_dict(state["loader"])
     run.metrics.rewind(run.step)  # steps after the checkpoint are about to run again
-    _print(run, f"resumed from {path} at step {run.step}")
+    say(run, f"resumed from {path} at step {run.step}")
 
 
 def _restore_scheduler(scheduler: Any, state: dict[str, Any] | None, step: int) -> None:
@@ -252,11 +253,6 @@ def _restore_scheduler(scheduler: Any, state: dict[str, Any] | None, step: int) 
         warnings.simplefilter("ignore")  # "scheduler stepped before the optimizer"
         for _ in range(step):
             scheduler.step()
-
-
-def _print(run: Run, message: str) -> None:
-    if run.accelerator.is_main_process:
-        run.console.print(message)
 
 
 def _trainer_state(run: Run) -> dict[str, Any]:
@@ -399,7 +395,7 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     cfg, acc = run.cfg, run.accelerator
     if acc.is_main_process:
         run.console.print(startup_summary(run))
-    _print(run, describe_groups(run.optimizer))
+    say(run, describe_groups(run.optimizer))
     if cfg.eval.at_start and run.step == 0:
         evaluate_split(run)
     run.model.train()
@@ -437,14 +433,14 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
             progress.update(task, completed=run.step)
             _stop_if_nonfinite(run, stats)
             if _evaluate_and_checkpoint(run):
-                _print(run, f"early stopping at step {run.step}: {best_text(run)}")
+                say(run, f"early stopping at step {run.step}: {best_text(run)}")
                 break
             reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
                 ckpt.save_checkpoint(
                     acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
                 )
-                _print(run, f"stopped at step {run.step} ({reason}); checkpoint written")
+                say(run, f"stopped at step {run.step} ({reason}); checkpoint written")
                 return {"steps": run.step, "stopped": reason, "output_dir": str(run.output_dir)}
     return _finish(run)
 
@@ -453,7 +449,7 @@ def _count_skipped(run: Run, stats: dict[str, float]) -> None:
     """Count and report a step whose update was held back for non-finite values."""
     if stats["nonfinite"] and not stats["applied"]:
         run.counters["skipped_steps"] = run.counters.get("skipped_steps", 0) + 1
-        _print(
+        say(
             run,
             f"[yellow]step {run.step}: {_nonfinite_text(stats)}: update skipped[/] "
             f"({int(run.counters['skipped_steps'])} so far)",

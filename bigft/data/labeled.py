@@ -19,23 +19,23 @@ from datasets import Dataset
 
 from bigft.config import Config, DataConfig
 from bigft.data.packing import Collator
-from bigft.data.pipeline import DataStats, PreparedData, SplitStats, split_indices
+from bigft.data.pipeline import DataStats, PreparedData, SplitStats, assemble_splits
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
 
 IGNORE_LABEL = -100
 
 
-def label_names_from(cfg: DataConfig) -> list[str]:
+def label_names_from(cfg: DataConfig, read: Callable[[str], Dataset] = load_rows) -> list[str]:
     """The class names in id order: data.label_names, or the sorted distinct labels of the
-    training files (integers sort numerically)."""
+    training files (integers sort numerically); `read` loads a file's raw rows."""
     if cfg.label_names is not None:
         if len(set(cfg.label_names)) != len(cfg.label_names) or len(cfg.label_names) < 2:
             raise DataError("data.label_names: list at least two distinct classes")
         return list(cfg.label_names)
     values: set[Any] = set()
     for path in cfg.train_files:
-        rows = load_rows(path)
+        rows = read(path)
         if cfg.label_field not in rows.column_names:
             raise DataError(f"{path}: rows have no '{cfg.label_field}' column (data.label_field)")
         values.update(v for v in rows[cfg.label_field] if v is not None)
@@ -114,13 +114,20 @@ def prepare_labeled(
 ) -> tuple[PreparedData, list[str] | None]:
     """Tokenize, validate and split labelled rows; returns the data and the class names
     (None for regression)."""
-    names = label_names_from(cfg) if task == "classification" else None
+    loaded: dict[str, Dataset] = {}
+
+    def read(path: str) -> Dataset:  # the label scan and tokenization share one read
+        if path not in loaded:
+            loaded[path] = load_rows(path)
+        return loaded[path]
+
+    names = label_names_from(cfg, read) if task == "classification" else None
     encode = _Encode(cfg, tokenizer, seq_len, names)
 
     def load(paths: list[str]) -> Dataset:
         parts = []
         for path in paths:
-            raw = load_rows(path)
+            raw = read(path)
             out = raw.map(
                 encode,
                 batched=True,
@@ -140,18 +147,7 @@ def prepare_labeled(
 
         return concatenate_datasets(parts)
 
-    pool = load(cfg.train_files)
-    parts: dict[str, Dataset] = {}
-    sources = {"train": ", ".join(cfg.train_files)}
-    for name, path in (("validation", cfg.validation), ("test", cfg.test)):
-        if path:
-            parts[name] = load([path])
-            sources[name] = path
-    ratios = {n: getattr(cfg.split, n) for n in ("validation", "test") if n not in parts}
-    for name, indices in split_indices(len(pool), ratios, seed).items():
-        if name == "train" or len(indices):
-            parts[name] = pool.select(indices)
-            sources.setdefault(name, f"{ratios.get(name, 0):.0%} of train")
+    parts, sources = assemble_splits(cfg, load, seed)
     stats = {name: _stats(ds, sources[name], seq_len) for name, ds in parts.items()}
     cleaned = {name: ds.remove_columns("length") for name, ds in parts.items()}
     data = PreparedData(

@@ -10,6 +10,7 @@ model or GPU is touched.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,18 +102,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
     formatter = Formatter(spec, tokenizer)
     tokenize = _Tokenize(formatter, seq_len, cfg.overlong == "truncate", cfg.num_proc, cfg.cache)
 
-    pool = tokenize.files(cfg.train_files)
-    parts: dict[str, Dataset] = {}
-    sources = {"train": ", ".join(cfg.train_files)}
-    for name, path in (("validation", cfg.validation), ("test", cfg.test)):
-        if path:
-            parts[name] = tokenize.files([path])
-            sources[name] = path
-    ratios = {n: getattr(cfg.split, n) for n in ("validation", "test") if n not in parts}
-    for name, indices in split_indices(len(pool), ratios, seed).items():
-        if name == "train" or len(indices):
-            parts[name] = pool.select(indices)
-            sources.setdefault(name, f"{ratios.get(name, 0):.0%} of train")
+    parts, sources = assemble_splits(cfg, tokenize.files, seed)
 
     # Clean in a fixed order sharing one set of digests: a row duplicated across splits is
     # dropped from validation/test, never from train, so evaluation never sees train rows.
@@ -140,6 +130,29 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
         data_stats.packed_rows = len(bins)
         data_stats.packing_efficiency = float(lengths.sum()) / (len(bins) * seq_len)
     return PreparedData(train, cleaned.get("validation"), cleaned.get("test"), data_stats)
+
+
+def assemble_splits(
+    cfg: DataConfig, load: Callable[[list[str]], Dataset], seed: int
+) -> tuple[dict[str, Dataset], dict[str, str]]:
+    """(split -> rows, split -> where they came from), rows made by `load(paths)`.
+
+    Splits with their own file (data.validation / data.test) take nothing from train:
+    their ratio stays with train, and only the others are split off, by `seed`.
+    """
+    pool = load(cfg.train_files)
+    parts: dict[str, Dataset] = {}
+    sources = {"train": ", ".join(cfg.train_files)}
+    for name, path in (("validation", cfg.validation), ("test", cfg.test)):
+        if path:
+            parts[name] = load([path])
+            sources[name] = path
+    ratios = {n: getattr(cfg.split, n) for n in ("validation", "test") if n not in parts}
+    for name, indices in split_indices(len(pool), ratios, seed).items():
+        if name == "train" or len(indices):
+            parts[name] = pool.select(indices)
+            sources.setdefault(name, f"{ratios.get(name, 0):.0%} of train")
+    return parts, sources
 
 
 def split_indices(n: int, ratios: dict[str, float], seed: int) -> dict[str, np.ndarray]:

@@ -105,7 +105,7 @@ LOAD_WORKER = """
 import json, resource, sys, torch
 from pathlib import Path
 from bigft.config import load_config
-from bigft.distributed import batch_layout, build_accelerator, full_weights_digest
+from bigft.distributed import batch_layout, build_accelerator, engine_report, full_weights_digest
 from bigft.model import load_model
 from bigft.optim import build_optimizer
 import transformers.models.llama.modeling_llama  # imported now, not counted as loading
@@ -130,6 +130,7 @@ for _ in range(2):
     optimizer.step()
     optimizer.zero_grad()
 result = {
+    "engine": engine_report(acc, model),
     "load_mib": load_mib,
     "peak_mib": peak_mib,
     "start": start,
@@ -193,6 +194,10 @@ def test_fsdp2_reads_weights_on_rank0_only(tmp_path: Path) -> None:
     assert on[1]["load_mib"] < 0.25 * fp32_mib, on
     assert on[1]["peak_mib"] < off[1]["peak_mib"] - 0.25 * fp32_mib, (on, off)
     for rank in on + off:
+        # FSDP2 really ran on 2 processes, each holding about half of every parameter
+        assert rank["engine"]["distributed_type"] == "FSDP", rank["engine"]
+        assert rank["engine"]["world_size"] == 2
+        assert 0.4 < rank["engine"]["param_fraction_local"] < 0.6, rank["engine"]
         assert rank["start"] == [digest(weights)] * 2  # both ranks hold the checkpoint
         assert rank["optimizer_steps_every_param"]
     assert on[0]["end"][0] == on[0]["end"][1] == off[0]["end"][0]

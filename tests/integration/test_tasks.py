@@ -206,3 +206,27 @@ def test_distillation_pulls_student_to_teacher(tiny_base, tmp_path) -> None:
     train(run)
     after = kl()
     assert after < 0.3 * before, (before, after)
+
+
+def test_eval_and_scorer_mistakes_are_one_line(tiny_base, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from bigft.cli import app
+    from bigft.errors import ConfigError
+    from bigft.evaluate import load_scorer
+
+    path = write_config(tmp_path / "c.yaml", tiny_base, tmp_path / "x.jsonl")
+    with pytest.raises(ConfigError, match="module:function"):
+        load_config(path, ["eval.scorer=nocolon", "eval.generate.enabled=true"])
+    with pytest.raises(ConfigError, match="set eval.generate.enabled"):
+        load_config(path, ["eval.scorer=json:dumps"])
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        load_scorer("no_such_module_xyz:score")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        load_scorer("json:nope")
+    assert load_scorer("json:dumps") is json.dumps
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "neither a bigft run directory nor a model directory" in result.output
+    assert "Traceback" not in result.output
