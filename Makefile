@@ -16,7 +16,7 @@ install-dev:
 	$(PYTHON) -c "import deepspeed" 2>/dev/null || $(PIP) install --no-build-isolation "deepspeed>=0.16"
 
 demo: install
-	bigft demo
+	$(PYTHON) -m bigft demo
 
 test: install-dev
 	$(PYTHON) -m pytest -q

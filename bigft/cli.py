@@ -91,9 +91,21 @@ def _root(
     """bigft: plan, fine-tune, evaluate and export large language models."""
 
 
+OVERWRITE_OPT = typer.Option(
+    False,
+    "--overwrite",
+    help="output_dir holds a previous run: move it aside (renamed, nothing deleted) and "
+    "start afresh, instead of continuing it or refusing.",
+)
+
+
 @app.command()
 @user_errors
-def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+def train(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
+    overwrite: bool = OVERWRITE_OPT,
+) -> None:
     """Fine-tune as the config says: validate, train, evaluate, export."""
     from bigft.config import load_config
 
@@ -101,7 +113,7 @@ def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG
     _quiet_libraries()
     from bigft.train import run_training
 
-    summary = run_training(cfg, console)
+    summary = run_training(cfg, console, overwrite)
     if "final_model" in summary and os.environ.get("RANK", "0") == "0":
         console.print(f"[green]done[/]: model exported to {summary['final_model']}")
     from bigft.slurm import after_stop
@@ -158,6 +170,7 @@ def launch(
         int(os.environ.get("MASTER_PORT", "29500")), "--master-port", help="Rendezvous port."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, run nothing."),
+    overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Start `bigft train` on N processes per node through torchrun (c10d rendezvous)."""
     import shlex
@@ -178,6 +191,7 @@ def launch(
             "--rdzv_id=bigft",
         ]
     cmd += ["-m", "bigft", "train", str(config), *(overrides or [])]
+    cmd += ["--overwrite"] if overwrite else []
     console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False, soft_wrap=True)
     if dry_run:
         return
@@ -239,13 +253,21 @@ def export(
     merge: bool = typer.Option(
         False, "--merge", help="Merge the adapter into the base (QLoRA: dequantized first)."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an existing --out that is not a bigft export (never the run's own "
+        "directory or a folder holding it).",
+    ),
 ) -> None:
     """Export a run's final model: the adapter as is, or merged into a full model."""
     _quiet_libraries()
     from bigft.export import export_run
 
-    written = export_run(run_dir, out_dir, merge=merge)
-    console.print(f"[green]exported[/] {written}")
+    existed = out_dir.expanduser().is_dir() and any(out_dir.expanduser().iterdir())
+    written = export_run(run_dir, out_dir, merge=merge, overwrite=overwrite)
+    note = " (its previous contents were replaced)" if existed else ""
+    console.print(f"[green]exported[/] {written}{note}")
 
 
 app.command("plan")(user_errors(_plan))

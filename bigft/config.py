@@ -38,13 +38,19 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Dtype of the loaded weights. 'auto': float32 master weights for full "
-        "fine-tuning (mixed precision then computes in bf16/fp16).",
+        description="Dtype of the loaded weights. 'auto': under bf16/fp16 mixed precision, "
+        "frozen weights in that dtype and trained ones in float32 (full fine-tuning: "
+        "float32 master weights; lora/dora: a bf16 base, fp32 adapters; freeze: bf16 "
+        "frozen layers, fp32 trained ones; qlora: method.quant.compute_dtype for what is "
+        "not 4-bit); float32 with train.precision fp32. An explicit dtype loads every "
+        "weight in it (float32 restores fp32 frozen weights).",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
-        description="'auto' picks flash_attention_2 when flash-attn imports and a GPU is "
-        "present, sdpa otherwise.",
+        description="'auto': flash_attention_2 when the architecture supports it, "
+        "flash-attn imports and a GPU is present; else sdpa where the architecture supports "
+        "it; else eager (e.g. Gemma-2). The start-up summary says which. An explicit value "
+        "the architecture does not support is an error.",
     )
     trust_remote_code: bool = Field(
         False,
@@ -378,10 +384,21 @@ class ParallelConfig(Section):
         "states / +gradients / +parameters; fsdp2: PyTorch fully_shard per decoder layer.",
     )
     offload_optimizer: bool = Field(
-        False, description="ZeRO / FSDP2: keep optimizer states (and the update) on CPU."
+        False,
+        description="ZeRO / FSDP2: keep optimizer states (and the update) on CPU. Under "
+        "ZeRO, optim adamw then steps with DeepSpeed's CPU Adam (a C++ op compiled on "
+        "first use, about a minute, cached in ~/.cache/torch_extensions).",
     )
     offload_params: bool = Field(
         False, description="ZeRO-3 / FSDP2: keep parameters on CPU between uses."
+    )
+    offload_threads: int | None = Field(
+        None,
+        gt=0,
+        description="ZeRO with offload_optimizer: CPU threads per process for the optimizer "
+        "step (DeepSpeed's CPU Adam). null: OMP_NUM_THREADS when it asks for more than 1 "
+        "(launchers set 1 when it is unset), else this process's share of the cores it may "
+        "run on (os.sched_getaffinity / processes on the machine).",
     )
     deepspeed_config: str | None = Field(
         None,
@@ -402,6 +419,12 @@ class ParallelConfig(Section):
     )
     fsdp_reshard_after_forward: bool = Field(
         True, description="FSDP2: free gathered parameters after forward (ZeRO-3-like)."
+    )
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="FSDP2 with bf16/fp16 precision: dtype gradients are reduced across "
+        "processes and accumulated over micro-batches in. float32 (torchtitan's default) "
+        "keeps sums of many small gradients exact enough; bfloat16 halves that traffic.",
     )
     fsdp_cpu_ram_efficient_loading: bool = Field(
         True,
@@ -561,7 +584,17 @@ class SlurmConfig(Section):
         "(SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES, else nvidia-smi, else 1).",
     )
     cpus_per_task: int | None = Field(
-        None, ge=1, description="--cpus-per-task for the one task per node (all its ranks)."
+        None,
+        ge=1,
+        description="--cpus-per-task for the one task per node (all its ranks). Default: "
+        "ranks x cpus_per_gpu with gpus_per_node set, else processes_per_node (one CPU per "
+        "rank), else Slurm's default of one CPU.",
+    )
+    cpus_per_gpu: int = Field(
+        8,
+        ge=1,
+        description="CPUs per rank (data loading, NCCL, the Python process itself) that "
+        "the default cpus_per_task asks for when GPUs are requested.",
     )
     mem: str | None = Field(None, description="--mem per node, e.g. '480G'; '0' = all.")
     constraint: str | None = Field(None, description="--constraint, e.g. 'h100'.")
@@ -659,6 +692,34 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+class HardwareConfig(Section):
+    """The machines a config is written for. `bigft plan CONFIG` plans for them when no
+    --gpu / --gpus-per-node / --nodes is given; training itself runs on what it finds."""
+
+    gpu: str | None = Field(
+        None,
+        description="GPU model from the planner's catalogue (bigft/plan/hardware.py), e.g. "
+        "rtx4090, a100-80, h100-80 (aliases such as h100-80gb are accepted and stored by "
+        "their catalogue name); null: not named (bigft plan assumes h100-80).",
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=1, description="GPUs (training processes) per node; null: slurm's, else 1."
+    )
+    nodes: int | None = Field(None, ge=1, description="Nodes; null: slurm.nodes, else 1.")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from bigft.plan.hardware import get_gpu  # no torch: the catalogue is plain data
+
+        try:
+            return get_gpu(value).name
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace(" (or pass --gpu-mem GIB)", "")) from None
+
+
 class DistillConfig(Section):
     """Knowledge distillation from a teacher that shares the student's tokenizer / labels."""
 
@@ -704,6 +765,10 @@ class Config(Section):
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="Slurm job: resources, launch, requeue."
     )
+    hardware: HardwareConfig = Field(
+        default_factory=HardwareConfig,
+        description="The GPUs this config is written for (what bigft plan plans for).",
+    )
     output_dir: str = Field(
         description="Run directory: resolved config, metrics, checkpoints, final model. "
         "Relative paths resolve against the current directory."
@@ -720,6 +785,18 @@ class Config(Section):
                 f"qlora with {self.parallel.strategy}: set method.quant.quant_storage to the "
                 "model dtype (e.g. bfloat16) so 4-bit weights can be sharded with the rest"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _hardware_consistency(self) -> Config:
+        hw, slurm = self.hardware, self.slurm
+        for name in ("nodes", "gpus_per_node"):
+            mine, theirs = getattr(hw, name), getattr(slurm, name)
+            if mine is not None and name in slurm.model_fields_set and mine != theirs:
+                raise ValueError(
+                    f"hardware.{name} {mine} and slurm.{name} {theirs} disagree; set it in "
+                    "one place (hardware falls back to slurm's)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from bigft.errors import BigftError
 
 DEMO_DIR = Path(__file__).parent / "demo_data"
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
@@ -70,6 +73,24 @@ def _plan_table(run: Any) -> Table:
     return table
 
 
+def _clear_previous_demo(output_dir: Path, console: Console) -> None:
+    """A previous demo run in `output_dir` (the demo made all of it) is removed; any
+    other non-empty directory is refused."""
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    made_by_demo = (output_dir / "demo_summary.json").is_file() or (
+        (output_dir / "base-model" / "config.json").is_file()
+        and (output_dir / "config.yaml").is_file()
+    )
+    if not made_by_demo:
+        raise BigftError(
+            f"--output-dir {output_dir} holds files that are not a previous demo run; "
+            "choose another directory"
+        )
+    shutil.rmtree(output_dir)
+    console.print(f"removed the previous demo run in {output_dir}", highlight=False)
+
+
 def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Make the base model, score it, fine-tune, score again, export, show generations."""
     from bigft.config import load_config
@@ -78,6 +99,7 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     from bigft.train import setup, train
     from bigft.validation import generation_examples
 
+    _clear_previous_demo(output_dir, console)
     base = save_tiny_base(output_dir / "base-model", **BASE_MODEL)
     cfg = load_config(
         DEMO_CONFIG,

@@ -66,7 +66,14 @@ def batch_layout(
             f"train.global_batch_size {train.global_batch_size} is not a multiple of "
             f"micro_batch_size {micro} x {world_size} process(es) = {per_step}"
         )
-    return BatchLayout(micro, train.global_batch_size // per_step, world_size)
+    accum = train.global_batch_size // per_step
+    if train.grad_accum is not None and train.grad_accum != accum:
+        raise ConfigError(
+            f"train.grad_accum {train.grad_accum} contradicts train.global_batch_size "
+            f"{train.global_batch_size}, which needs grad_accum {accum} with micro_batch_size "
+            f"{micro} x {world_size} process(es); set only one of the two"
+        )
+    return BatchLayout(micro, accum, world_size)
 
 
 def deepspeed_config(
@@ -108,7 +115,8 @@ def deepspeed_config(
         "bf16": {"enabled": precision == "bf16"},
         # fp16 needs dynamic loss scaling (older GPUs without bf16).
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # bigft passes its own torch optimizer; allow it with CPU offload too.
+        # bigft passes its own optimizer: with offload, adamw is DeepSpeed's CPU Adam
+        # (optim.build_optimizer); the others (8-bit, adafactor, sgd) stay allowed.
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -207,6 +215,59 @@ def _cpu_process_group() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
+def offloads_optimizer_step(parallel: ParallelConfig) -> bool:
+    """DeepSpeed ZeRO-Offload: the optimizer step runs on the CPU (where bigft uses
+    DeepSpeed's CPU Adam and gives each process its share of the cores)."""
+    return parallel.strategy.startswith("zero") and parallel.offload_optimizer
+
+
+def offload_threads(
+    configured: int | None, omp_num_threads: str | None, cores: int, local_processes: int
+) -> int:
+    """CPU threads per process for an offloaded optimizer step.
+
+    torchrun, accelerate launch and bigft launch all set OMP_NUM_THREADS=1 when it is
+    unset, which leaves a CPU Adam step over a whole model partition on one core while
+    the others idle; so only a larger value counts as the user's choice.
+    """
+    if configured is not None:
+        return configured
+    if omp_num_threads and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 1:
+        return int(omp_num_threads)
+    return max(1, cores // max(1, local_processes))
+
+
+def fsdp_mixed_precision(precision: str, reduce_dtype: str) -> Any:
+    """FSDP2's MixedPrecisionPolicy for accelerate's mixed_precision value: compute in
+    bf16/fp16, reduce (and accumulate across micro-batches) in `reduce_dtype`. None for
+    fp32. accelerate's own policy reduces in the compute dtype; it keeps one passed in."""
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if compute is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=getattr(torch, reduce_dtype))
+
+
+def fsdp_plugin(parallel: ParallelConfig, mixed_precision: str) -> Any:
+    """accelerate's FSDP2 plugin from bigft's parallel settings (`mixed_precision` is
+    accelerate's value, from `resolve_precision`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=parallel.fsdp_layer_cls,
+        reshard_after_forward=parallel.fsdp_reshard_after_forward,
+        cpu_offload=parallel.offload_params or parallel.offload_optimizer,
+        state_dict_type="SHARDED_STATE_DICT",
+        # prepare() shards the model on the meta device and fills the shards from
+        # rank 0; load_model(from_rank0=True) spares the other ranks reading weights.
+        cpu_ram_efficient_loading=parallel.fsdp_cpu_ram_efficient_loading,
+        mixed_precision_policy=fsdp_mixed_precision(mixed_precision, parallel.fsdp_reduce_dtype),
+    )
+
+
 def build_accelerator(
     train: TrainConfig,
     parallel: ParallelConfig,
@@ -249,19 +310,7 @@ def build_accelerator(
             # NOT cpu=True: that silently turns DeepSpeed into DDP.
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     elif strategy == "fsdp2":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=parallel.fsdp_layer_cls,
-            reshard_after_forward=parallel.fsdp_reshard_after_forward,
-            cpu_offload=parallel.offload_params or parallel.offload_optimizer,
-            state_dict_type="SHARDED_STATE_DICT",
-            # prepare() shards the model on the meta device and fills the shards from
-            # rank 0; load_model(from_rank0=True) spares the other ranks reading weights.
-            cpu_ram_efficient_loading=parallel.fsdp_cpu_ram_efficient_loading,
-        )
+        kwargs["fsdp_plugin"] = fsdp_plugin(parallel, kwargs["mixed_precision"])
         if cpu:
             _cpu_process_group()
     elif cpu:
@@ -272,6 +321,15 @@ def build_accelerator(
         os.environ.pop("ACCELERATE_USE_CPU", None)
     accelerator = Accelerator(**kwargs)
     _check_engine(accelerator, strategy)
+    if offloads_optimizer_step(parallel):
+        torch.set_num_threads(
+            offload_threads(
+                parallel.offload_threads,
+                os.environ.get("OMP_NUM_THREADS"),
+                len(os.sched_getaffinity(0)),
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            )
+        )
     return accelerator
 
 
@@ -304,14 +362,22 @@ def check_fsdp_layers(model: Any, parallel: ParallelConfig) -> None:
         )
 
 
-def engine_report(accelerator: Accelerator, model: Any) -> dict[str, Any]:
-    """What is really running: distributed type, ZeRO stage, share of parameters held."""
+def engine_report(accelerator: Accelerator, model: Any, optimizer: Any = None) -> dict[str, Any]:
+    """What is really running: distributed type, ZeRO stage, share of parameters held,
+    FSDP2's compute / gradient-reduction dtypes and, given the prepared optimizer, the
+    optimizer class that steps (under the engine's wrappers) with its groups."""
     report: dict[str, Any] = {
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "world_size": accelerator.num_processes,
+        "torch_threads": torch.get_num_threads(),
     }
     if hasattr(model, "zero_optimization_stage"):
         report["zero_stage"] = int(model.zero_optimization_stage())
+    report.update(_fsdp_dtypes(model))
+    if optimizer is not None:
+        from bigft.optim import optimizer_report
+
+        report["optimizer"] = optimizer_report(optimizer)
     local = full = 0
     for param in accelerator.unwrap_model(model).parameters():
         ds_numel = getattr(param, "ds_numel", None)  # ZeRO-3 partitioned parameter
@@ -326,6 +392,35 @@ def engine_report(accelerator: Accelerator, model: Any) -> dict[str, Any]:
             local += param.numel()
     report["param_fraction_local"] = round(local / max(full, 1), 4)
     return report
+
+
+def _fsdp_dtypes(model: Any) -> dict[str, str]:
+    """The dtypes FSDP2 computes and reduces gradients in, read from the policy each
+    fully_shard unit really holds: gradients are computed in param_dtype (or the stored
+    dtype) and reduced in reduce_dtype (or the compute dtype when unset)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: set[tuple[str, str]] = set()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        for group in getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]:
+            if group is None:
+                continue
+            policy = group.mp_policy
+            for fsdp_param in group.fsdp_params:
+                if not fsdp_param.sharded_param.requires_grad:
+                    continue  # frozen: nothing to reduce
+                compute = policy.param_dtype or fsdp_param.sharded_param.dtype
+                found.add((str(compute), str(policy.reduce_dtype or compute)))
+    if not found:
+        return {}
+    compute, reduce = (",".join(sorted({pair[i] for pair in found})) for i in (0, 1))
+    return {
+        "fsdp_param_dtype": compute.replace("torch.", ""),
+        "fsdp_reduce_dtype": reduce.replace("torch.", ""),
+    }
 
 
 def full_weights_digest(accelerator: Accelerator, model: Any) -> list[str]:

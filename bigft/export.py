@@ -6,21 +6,32 @@ and writes a plain transformers model. For QLoRA the 4-bit base is dequantized f
 the adapter merged into those weights: the merged model computes exactly what the
 trained (4-bit base + adapter) model computed. Merging into the 4-bit base instead would
 re-quantize the sum and change the logits.
+
+`--out` never costs the user a file bigft did not write: the export is assembled in a
+fresh hidden directory beside `--out` and renamed into place. An existing `--out` is
+replaced only when it is empty or a previous bigft export (it holds `bigft_export.json`);
+any other directory needs `--overwrite`, and nothing ever replaces the run directory,
+a folder that contains it, the working directory or the home directory.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from bigft.checkpoint import share_like_other_files
 from bigft.config import Config, load_config
 from bigft.errors import BigftError, require
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+MARKER = "bigft_export.json"  # written into every export: marks a directory bigft made
 
 
 def find_final(run_dir: Path) -> Path:
@@ -60,30 +71,95 @@ def merged_model(cfg: Config, adapter_dir: Path) -> Any:
     return merged
 
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+def check_destination(run_dir: Path, out: Path, overwrite: bool) -> bool:
+    """Refuse an `--out` whose contents the export would destroy; True when an existing
+    directory is to be replaced."""
+    target, run = out.expanduser().resolve(), run_dir.resolve()
+    protected = {Path.cwd().resolve(): "the working directory", Path.home().resolve(): "your home"}
+    if target == run or target in run.parents:
+        what = "the run directory" if target == run else f"a folder holding the run {run_dir}"
+        raise BigftError(f"--out {out} is {what}; export to a new directory, e.g. {run_dir}-export")
+    if target in protected or target == Path(target.anchor):
+        where = protected.get(target, "the filesystem root")
+        raise BigftError(f"--out {out} is {where}; export to a new directory")
+    if target.exists() and not target.is_dir():
+        raise BigftError(f"--out {out} is a file; choose a directory path")
+    if not target.exists():
+        return False
+    if not any(target.iterdir()) or (target / MARKER).is_file():
+        return True
+    if run in target.parents or _is_run_dir(target):
+        what = "part of the run" if run in target.parents else "another run's directory"
+        raise BigftError(f"--out {out} is {what}; export to a new directory")
+    if not overwrite:
+        raise BigftError(
+            f"--out {out} holds files that are not a bigft export; choose a new directory, "
+            "or pass --overwrite to replace its contents"
+        )
+    return True
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A bigft run directory: its resolved config beside checkpoints or results."""
+    outputs = ("checkpoints", "metrics.jsonl", "summary.json")
+    return (path / "config.yaml").is_file() and any((path / o).exists() for o in outputs)
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False
+) -> Path:
     """Write the run's final model to `out`: adapter only, merged, or the full model."""
     from bigft.model import load_tokenizer
 
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = Path(run_dir), Path(out).expanduser()
     final = find_final(run_dir)
     is_adapter = (final / ADAPTER_CONFIG).is_file()
     if out.resolve() == final.resolve():
         raise BigftError(f"--out {out} is the run's own final model; choose another directory")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_adapter and merge:
-        cfg = load_run_config(run_dir)
-        model = merged_model(cfg, final)
-        model.save_pretrained(tmp, safe_serialization=True)
-        # The run saved its tokenizer beside the adapter; fall back to the base's.
-        if (final / "tokenizer_config.json").is_file():
-            cfg.model.tokenizer = str(final)
-        load_tokenizer(cfg.model).save_pretrained(tmp)
-    else:
-        if merge:
-            log.warning("%s is a full model already; copying it", final)
-        shutil.copytree(final, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace = check_destination(run_dir, out, overwrite)
+    cfg = load_run_config(run_dir) if is_adapter and merge else None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise BigftError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    try:
+        if cfg is not None:
+            model = merged_model(cfg, final)
+            model.save_pretrained(tmp, safe_serialization=True)
+            # The run saved its tokenizer beside the adapter; fall back to the base's.
+            if (final / "tokenizer_config.json").is_file():
+                cfg.model.tokenizer = str(final)
+            load_tokenizer(cfg.model).save_pretrained(tmp)
+        else:
+            if merge:
+                log.warning("%s is a full model already; copying it", final)
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
+        marker = {"run_dir": str(run_dir.resolve()), "merged": bool(cfg is not None)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; share it like a run
+        share_like_other_files(tmp)
+        if replace:
+            _replace(out, tmp)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(out: Path, tmp: Path) -> None:
+    """Swap `tmp` in for the existing `out`: the old contents are moved aside first and
+    deleted only once the new export is in place."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rmdir(old)
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from bigft.config import Config, LoraConfig, MethodConfig
 from bigft.errors import BigftError, require
-from bigft.model import count_parameters
+from bigft.model import compute_dtype, count_parameters, load_dtype
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,11 @@ def apply_adapters(model: Any, cfg: MethodConfig, task_type: str = "CAUSAL_LM") 
         require("bitsandbytes", "quant", "method qlora")
         if not getattr(model, "is_loaded_in_4bit", False):
             raise BigftError("method qlora: the model was not loaded in 4 bits")
-        # Casts norms/embeddings to fp32 and freezes the base; checkpointing is turned on
-        # below, the same way for every method.
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Not peft.prepare_model_for_kbit_training: it casts every weight that is not 4-bit
+        # (embeddings, norms, lm_head) to fp32, +2 GB on an 8B model for weights that are
+        # frozen and only read by bf16 matmuls. Its other parts are done here: the base is
+        # frozen, and `apply_checkpointing` makes the inputs require grad.
+        model.requires_grad_(False)
     try:
         config = lora_config(cfg.lora, use_dora=cfg.name == "dora", task_type=task_type)
         return peft.get_peft_model(model, config)
@@ -139,6 +141,43 @@ def apply_checkpointing(model: Any, cfg: MethodConfig) -> None:
     base.enable_input_require_grads()
 
 
+def apply_precision_layout(model: Any, cfg: Config) -> None:
+    """With `model.dtype: auto` under mixed precision: frozen weights in the dtype
+    `model.load_dtype` gives them (the compute dtype for lora / dora / freeze / qlora),
+    trainable ones in fp32 where the engine expects fp32 master weights in the module.
+
+    Per engine (parallel.strategy):
+    - ddp (and one process): accelerate's autocast computes in bf16/fp16 and the optimizer
+      steps on the module's own parameters, so trainable weights are made fp32 here
+      (peft's adapters already are; freeze's layers, modules_to_save, heads are not);
+    - fsdp2: accelerate's prepare upcasts every trainable parameter to fp32 (FSDP2 needs
+      one dtype per group of trainable parameters) and shards it as the fp32 master; the
+      frozen bf16 ones are left as they are, so nothing is done here (on ranks other than
+      0 the weights are still unwritten memory, which a cast would touch);
+    - zero1/2/3: DeepSpeed's bf16/fp16 engine casts the whole module to the compute dtype
+      and keeps its own fp32 master copy in the optimizer, so nothing is done here.
+
+    Frozen weights loaded in another dtype (a caller that did not pass `method` to
+    `load_model`) are cast down here; ZeRO-3 partitions and 4-bit weights are never cast.
+    An explicit model.dtype (e.g. float32) is left exactly as loaded.
+    """
+    if cfg.model.dtype != "auto" or compute_dtype(cfg.train.precision) is None:
+        return
+    quant = cfg.method.quant if cfg.method.name == "qlora" else None
+    frozen = load_dtype(cfg.model.dtype, cfg.train.precision, cfg.method.name, quant)
+    master = cfg.parallel.strategy == "ddp"
+    for param in model.parameters():
+        if (
+            not param.is_floating_point()
+            or hasattr(param, "ds_numel")
+            or type(param).__name__ == "Params4bit"
+        ):
+            continue
+        wanted = torch.float32 if param.requires_grad else frozen
+        if param.dtype != wanted and (master or not param.requires_grad):
+            param.data = param.data.to(wanted)
+
+
 def apply_method(model: Any, cfg: Config) -> Any:
     """Prepare a loaded model for the configured method; returns the model to train."""
     method = cfg.method
@@ -147,6 +186,7 @@ def apply_method(model: Any, cfg: Config) -> Any:
     elif method.name in ADAPTER_METHODS:
         task_type = "CAUSAL_LM" if cfg.task == "causal_lm" else "SEQ_CLS"
         model = apply_adapters(model, method, task_type)
+    apply_precision_layout(model, cfg)
     apply_checkpointing(model, method)
     trainable, total = count_parameters(model)  # ZeRO-3 aware
     if trainable == 0:

@@ -30,18 +30,112 @@ def _check_source(name: str, what: str) -> None:
         raise ModelError(f"{what} '{name}': directory not found")
 
 
-def pick_attn_implementation(requested: str) -> str:
-    """flash_attention_2 when flash-attn imports and CUDA is present; sdpa otherwise."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ModelError(
-                "model.attn_implementation: flash_attention_2 needs flash-attn "
-                "(pip install 'bigft[flash]'), or use sdpa"
-            )
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+# Attention implementations bigft selects, and the class flag that says a transformers
+# model supports each (eager always works). flex_attention is never chosen: it crashed on
+# CPU with a 4D mask and compiles on first use.
+ATTENTION_FLAGS = {"flash_attention_2": "_supports_flash_attn", "sdpa": "_supports_sdpa"}
+
+
+def _flash_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def supported_attention(model_class: type) -> list[str]:
+    """The implementations bigft can select that `model_class` supports, eager included."""
+    found = ["eager"]
+    for name, flag in ATTENTION_FLAGS.items():
+        # `_supports_flash_attn_2`: the older spelling some remote-code models still use
+        if getattr(model_class, flag, False) or (
+            name == "flash_attention_2" and getattr(model_class, "_supports_flash_attn_2", False)
+        ):
+            found.append(name)
+    return sorted(found)
+
+
+def choose_attn_implementation(
+    requested: str, model_class: type | None, flash: bool | None = None
+) -> str | None:
+    """The attention implementation to load `model_class` with.
+
+    'auto': flash_attention_2 where the class supports it and flash-attn is usable (CUDA
+    and the package; `flash` overrides that check), else sdpa where supported, else eager.
+    transformers 5 refuses an explicit implementation its class does not support (Gemma-2
+    has no sdpa path), so the choice is made per architecture. An explicit request the
+    class does not support is a ModelError. With no class known before loading
+    (`model_class` None), 'auto' returns None: transformers then picks sdpa or eager.
+    """
+    flash = _flash_usable() if flash is None else flash
+    if model_class is None:
+        if requested == "auto":
+            return "flash_attention_2" if flash else None
+    elif requested == "auto":
+        supported = supported_attention(model_class)
+        if flash and "flash_attention_2" in supported:
+            return "flash_attention_2"
+        return "sdpa" if "sdpa" in supported else "eager"
+    elif requested not in (supported := supported_attention(model_class)):
+        raise ModelError(
+            f"model.attn_implementation: {requested} is not supported by "
+            f"{model_class.__name__} (it supports: {', '.join(supported)}); choose one of "
+            "those, or auto"
+        )
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "model.attn_implementation: flash_attention_2 needs flash-attn "
+            "(pip install 'bigft[flash]'), or use sdpa"
+        )
+    return requested
+
+
+def _model_class(auto_class: Any, cfg: ModelConfig) -> type | None:
+    """The class `auto_class.from_pretrained` will build, read from config.json alone
+    (remote code through the same `auto_map` entry transformers follows). None when it
+    cannot be told before loading; loading then reports the real problem."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    auto_map = getattr(config, "auto_map", None) or {}
+    if auto_class.__name__ in auto_map:
+        if not cfg.trust_remote_code:
+            return None
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(  # type: ignore[no-any-return]
+            auto_map[auto_class.__name__], cfg.name_or_path, revision=cfg.revision
+        )
+    found = auto_class._model_mapping.get(type(config), None)
+    return found[0] if isinstance(found, list | tuple) else found
+
+
+def _note_attention(model: Any, requested: str, model_class: type | None) -> None:
+    """Record on the model which attention it runs and why, and say it once (rank 0):
+    a warning when `auto` had to fall back to eager, info otherwise."""
+    runs = attention_implementation(model) or "unknown"
+    arch = type(model).__name__
+    note = runs if requested != "auto" else f"{runs} (auto)"
+    if requested == "auto" and runs == "eager" and model_class is not None:
+        note = f"eager ({arch} does not support sdpa"
+        if "flash_attention_2" in supported_attention(model_class):
+            note += "; its flash_attention_2 needs flash-attn and a GPU"
+        note += ")"
+    model.bigft_attention = note
+    if _global_rank() == 0:
+        model_type = getattr(model.config, "model_type", "?")
+        level = logging.WARNING if note.startswith("eager (") else logging.INFO
+        log.log(level, "attention: %s (%s) runs %s", arch, model_type, note)
+
+
+def attention_summary(model: Any) -> str:
+    """One line for the start-up summary: the attention implementation the (possibly
+    wrapped) model runs, and why when `auto` fell back from sdpa."""
+    inner = getattr(model, "module", model)
+    note = getattr(inner, "bigft_attention", None)
+    return str(note) if note else str(attention_implementation(model) or "unknown")
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -91,6 +185,41 @@ def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
+def load_dtype(
+    model_dtype: str,
+    precision: str = "fp32",
+    method: str = "full",
+    quant: QuantConfig | None = None,
+) -> torch.dtype:
+    """The dtype the weights are loaded in: model.dtype, or for 'auto':
+
+    - qlora: `quant.compute_dtype` for every weight that is not 4-bit (embeddings, norms,
+      lm_head): they are frozen and only read by matmuls that run in that dtype;
+    - lora / dora / freeze under mixed precision (train.precision bf16 / fp16): the
+      compute dtype. Frozen weights get no gradient and no optimizer state, and autocast
+      casts them to that dtype at every matmul, so fp32 storage would double their memory
+      for nothing. `methods.apply_method` keeps what trains in fp32 (see there);
+    - full fine-tuning, or fp32 training: float32, the master weights mixed precision
+      needs (autocast or the engine computes on bf16 copies).
+    """
+    if model_dtype != "auto":
+        return _DTYPES[model_dtype]
+    if quant is not None:
+        return _DTYPES[quant.compute_dtype]
+    compute = compute_dtype(precision)
+    if method in ("lora", "dora", "freeze") and compute is not None:
+        return compute
+    return torch.float32
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The mixed-precision compute dtype of train.precision ('auto' resolved the way the
+    Accelerator resolves it); None for fp32 training."""
+    from bigft.distributed import resolve_precision
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
+
+
 def load_model(
     cfg: ModelConfig,
     precision: str = "fp32",
@@ -99,14 +228,17 @@ def load_model(
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
     from_rank0: bool = False,
+    method: str = "full",
 ) -> Any:
-    """The model from a local directory or hub id, in the configured dtype.
+    """The model from a local directory or hub id, in the dtype `load_dtype` picks.
 
     task causal_lm: AutoModelForCausalLM. classification / regression:
     AutoModelForSequenceClassification with a new head of len(label_names) classes (or one
     output), on an encoder or a decoder (which pools its last non-pad token, so it needs
     the pad id). With `quant` (method qlora) the linear layers are loaded as 4-bit
-    `Linear4bit`, and dtype 'auto' means the compute dtype.
+    `Linear4bit`. `method` (method.name) decides what dtype 'auto' means. The attention
+    implementation is chosen for the architecture (`choose_attn_implementation`) and
+    recorded on the model (`attention_summary`).
 
     `from_rank0`: the engine copies rank 0's weights to every process when it prepares
     the model (FSDP2 with parallel.fsdp_cpu_ram_efficient_loading), so the other ranks
@@ -119,14 +251,14 @@ def load_model(
 
     _check_source(cfg.name_or_path, "model.name_or_path")
     _check_weights_format(cfg.name_or_path, cfg.allow_pickle)
-    default = _DTYPES[quant.compute_dtype] if quant is not None else torch.float32
-    dtype = _DTYPES.get(cfg.dtype, default)  # auto: fp32 master weights
-    attn = pick_attn_implementation(cfg.attn_implementation)
+    dtype = load_dtype(cfg.dtype, precision, method, quant)
     extra = quantization_kwargs(quant) if quant is not None else {}
     auto_class: Any = AutoModelForCausalLM
     if task != "causal_lm":
         auto_class = AutoModelForSequenceClassification
         extra.update(_head_kwargs(label_names, pad_token_id))
+    model_class = _model_class(auto_class, cfg)
+    attn = choose_attn_implementation(cfg.attn_implementation, model_class)
     try:
         if from_rank0 and quant is None and _global_rank() != 0:
             model = _empty_model(auto_class, cfg, dtype, attn, extra)
@@ -148,7 +280,8 @@ def load_model(
     if quant is not None:
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # training; generation turns it back on explicitly
-    log.info("loaded %s (%s, attention: %s)", cfg.name_or_path, dtype, attn)
+    _note_attention(model, cfg.attn_implementation, model_class)
+    log.info("loaded %s (%s)", cfg.name_or_path, dtype)
     return model
 
 
@@ -177,7 +310,11 @@ def _every_rank_reads_weights() -> Iterator[None]:
 
 
 def _empty_model(
-    auto_class: Any, cfg: ModelConfig, dtype: torch.dtype, attn: str, extra: dict[str, Any]
+    auto_class: Any,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    attn: str | None,
+    extra: dict[str, Any],
 ) -> Any:
     """The model's structure with uninitialized parameters, reading no weight file.
 
@@ -278,3 +415,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def attention_implementation(model: Any) -> str | None:
+    """The attention implementation a loaded (possibly wrapped) model really runs."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engines wrap the model
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -21,9 +22,25 @@ log = logging.getLogger(__name__)
 OptimizerBuilder = Callable[[Iterable[dict[str, Any]], OptimConfig], torch.optim.Optimizer]
 
 
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape in the model, whatever the engine holds locally: ZeRO-3 turns
+    parameters into empty 1-D partitions as they are created (zero.Init, used by
+    from_pretrained under DeepSpeed) and keeps the original shape in `ds_shape`; FSDP2's
+    DTensors report their global shape themselves."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return tuple(ds_shape if ds_shape is not None else param.shape)
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, not of this process's ZeRO-3 partition."""
+    ds_numel = getattr(param, "ds_numel", None)
+    return int(ds_numel) if ds_numel is not None else param.numel()
+
+
 def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms and other 1-D parameters are not weight-decayed."""
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+    """Biases, norms and other 1-D parameters are not weight-decayed (judged by the
+    parameter's full shape, so a ZeRO-3 partition still decays like its matrix)."""
+    return len(full_shape(param)) < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,9 @@ def param_groups(
     """Trainable parameters grouped by (lr, decay / no decay); frozen ones are left out.
 
     Without `rules` every group has the optimizer's lr: two groups, decayed matrices and
-    undecayed biases/norms. Groups carry a readable `name` for the start-up summary.
+    undecayed biases/norms. Groups carry a readable `name` and their parameter count
+    `num_params` for the start-up summary: once an engine has prepared the optimizer, its
+    groups hold flat per-rank partitions (ZeRO-1/2/3) that no longer tell either.
     """
     parts: dict[str, Any] = {"n_layers": 0, "layers_attr": "layers"}
     if rules is not None:
@@ -96,12 +115,14 @@ def param_groups(
                 "params": [],
                 "weight_decay": 0.0 if plain else weight_decay,
                 "name": "no_decay" if plain else "decay",
+                "num_params": 0,
                 "labels": [],
             },
         )
         if lr is not None:
             group["lr"] = lr
         group["params"].append(param)
+        group["num_params"] += full_numel(param)
         if label and label not in group["labels"]:
             group["labels"].append(label)
     result = []
@@ -117,15 +138,53 @@ def _span(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else f"{labels[0]}..{labels[-1]}({len(labels)})"
 
 
-def describe_groups(optimizer: torch.optim.Optimizer) -> str:
-    """One line per parameter group: name, parameters, lr, weight decay."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap Accelerate's wrapper
-    lines = [f"optimizer {type(optimizer).__name__}: {len(optimizer.param_groups)} group(s)"]
-    for group in optimizer.param_groups:
-        count = sum(p.numel() for p in group["params"])
+def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer that really updates the weights, under Accelerate's wrapper and
+    DeepSpeed's ZeRO optimizer (which hold it as `.optimizer`)."""
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    return optimizer  # type: ignore[no-any-return]
+
+
+def group_summaries(optimizer: Any) -> list[dict[str, Any]]:
+    """Name, parameter count, configured lr and weight decay of every group.
+
+    The count is the one recorded when the groups were built (engines replace a group's
+    parameters by per-rank partitions), the lr the configured peak: a scheduler's
+    `initial_lr`, not its current (warmup) value.
+    """
+    return [
+        {
+            "name": group.get("name", "?"),
+            "params": group.get("num_params", sum(full_numel(p) for p in group["params"])),
+            "lr": group.get("initial_lr", group["lr"]),
+            "weight_decay": group.get("weight_decay", 0.0),
+        }
+        for group in innermost_optimizer(optimizer).param_groups
+    ]
+
+
+def optimizer_report(optimizer: Any) -> dict[str, Any]:
+    """The optimizer in effect, for the run's summary: class, wrappers, groups."""
+    wrappers = []
+    while getattr(optimizer, "optimizer", None) is not None:
+        wrappers.append(type(optimizer).__name__)
+        optimizer = optimizer.optimizer
+    return {
+        "class": type(optimizer).__name__,
+        "wrapped_by": wrappers,
+        "groups": group_summaries(optimizer),
+    }
+
+
+def describe_groups(optimizer: Any) -> str:
+    """One line per parameter group: name, parameters, configured lr, weight decay."""
+    report = optimizer_report(optimizer)
+    lines = [f"optimizer {report['class']}: {len(report['groups'])} group(s)"]
+    for group in report["groups"]:
         lines.append(
-            f"  {group.get('name', '?'):<32} {count:>12,} params  lr {group['lr']:.3g}  "
-            f"wd {group.get('weight_decay', 0.0):g}"
+            f"  {group['name']:<32} {group['params']:>12,} params  lr {group['lr']:.3g}  "
+            f"wd {group['weight_decay']:g}"
         )
     return "\n".join(lines)
 
@@ -146,6 +205,27 @@ def _bnb_adamw(paged: bool) -> OptimizerBuilder:
     return build
 
 
+def _deepspeed_cpu_adamw(
+    groups: Iterable[dict[str, Any]], cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    """AdamW for ZeRO-Offload, whose step runs on the CPU over fp32 partitions: DeepSpeed's
+    vectorized, OpenMP-threaded CPU Adam, several times faster there than torch's. Its C++
+    op is compiled on first use (about a minute) and cached in ~/.cache/torch_extensions
+    (or $TORCH_EXTENSIONS_DIR)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    try:
+        return DeepSpeedCPUAdam(
+            list(groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True
+        )
+    except RuntimeError as exc:
+        raise BigftError(
+            f"optim adamw with parallel.offload_optimizer uses DeepSpeed's CPU Adam, whose C++ "
+            f"op did not build: {exc.__cause__ or exc}. It needs a C++ compiler (g++) and "
+            "write access to ~/.cache/torch_extensions (or set TORCH_EXTENSIONS_DIR)"
+        ) from exc
+
+
 def _adafactor(groups: Iterable[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
     # torch's Adafactor: factored second moment, no first moment; lr is used as given.
     return torch.optim.Adafactor(list(groups), lr=cfg.lr)
@@ -164,11 +244,20 @@ OPTIMIZERS: dict[str, OptimizerBuilder] = {
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over the model's trainable parameters, grouped by lr."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False
+) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's trainable parameters, grouped by lr.
+
+    `cpu_offload`: DeepSpeed ZeRO-Offload runs the step on the CPU (see
+    `distributed.offloads_optimizer_step`); adamw is then DeepSpeed's CPU Adam.
+    """
     per_part = (cfg.layer_decay, cfg.lr_adapters, cfg.lr_head, cfg.lr_embeddings)
     rules = LrRules.from_config(cfg) if any(v is not None for v in per_part) else None
-    optimizer = OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, rules), cfg)
+    builder = OPTIMIZERS[cfg.name]
+    if cpu_offload and cfg.name == "adamw":
+        builder = _deepspeed_cpu_adamw
+    optimizer = builder(param_groups(model, cfg.weight_decay, rules), cfg)
     log.info("%s", describe_groups(optimizer))
     return optimizer
 
@@ -179,20 +268,34 @@ def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
+def schedule_factor(step: int, name: str, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of optim.lr for the update of optimizer step `step + 1` (0-based `step`).
+
+    Warmup ramps linearly over the first `warmup` updates without a zero-lr update:
+    (step + 1) / (warmup + 1), so update 1 already moves the weights and the schedule
+    reaches the full lr right after warmup. Then: constant; linear decay towards 0; or
+    cosine decay to `min_ratio`.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if name == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if name == "linear":
+        return max(0.0, 1.0 - progress)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup, then linear / cosine (to min_lr_ratio) / constant."""
-    from transformers import get_scheduler
-
+    """Linear warmup, then linear / cosine (to min_lr_ratio) / constant (`schedule_factor`)."""
     warmup = warmup_steps(cfg, total_steps)
-    if cfg.name == "cosine":
-        return get_scheduler(
-            "cosine_with_min_lr",
-            optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio},
-        )
-    name = "linear" if cfg.name == "linear" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    factor = functools.partial(
+        schedule_factor,
+        name=cfg.name,
+        warmup=warmup,
+        total=total_steps,
+        min_ratio=cfg.min_lr_ratio if cfg.name == "cosine" else 0.0,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

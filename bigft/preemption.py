@@ -7,6 +7,8 @@ processes, writes a checkpoint and returns. Nothing heavy ever runs inside a han
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
 from types import FrameType
 
@@ -40,3 +42,25 @@ def request(reason: str = "requested") -> None:
 def clear() -> None:
     global _requested
     _requested = None
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (or accelerate launch), exit when the launcher dies.
+
+    torchrun starts its workers in a session of their own, so killing the process group
+    of `bigft launch` (Ctrl-C in a terminal that died, kill -9 of a job step) leaves
+    them training as orphans beside any new run. The parent-death signal makes the
+    kernel kill each worker with its launcher. Linux only; a no-op elsewhere.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun and accelerate launch
+        return
+    launcher = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # the launcher died before the signal was armed
+        os._exit(1)

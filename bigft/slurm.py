@@ -2,9 +2,13 @@
 
 A job is prepared in `<output_dir>/slurm/`: the resolved config it trains (frozen, so
 editing the YAML later changes nothing in a queued job), a copy of the per-node entry
-script `launch/slurm_node.sh`, the rendered `job.sbatch` (template: `slurm/job.sbatch.j2`),
-`job.json` (job ids) and the job's log. A sweep adds `configs/task-NNN.yaml` and
-`sweep.json`, and trains task i into `<output_dir>/task-NNN/`.
+script (`node.sh`), of the accelerate config if one is used (`accelerate.yaml`), the
+rendered `job.sbatch`, `job.json` (job ids) and the job's log. A sweep adds
+`configs/task-NNN.yaml` and `sweep.json`, and trains task i into `<output_dir>/task-NNN/`.
+
+The template, the node script and the accelerate configs are installed with bigft, in
+`bigft/templates/` (read through importlib.resources); `slurm/` and `launch/` at the top of
+the repository hold identical copies for reading.
 
 This module must not import torch: `bigft --help` imports it.
 """
@@ -16,12 +20,12 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -37,12 +41,29 @@ from bigft.config import (
 from bigft.errors import BigftError, ConfigError
 from bigft.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "slurm"
-NODE_SCRIPT = ROOT / "launch" / "slurm_node.sh"
-TEMPLATE = "job.sbatch.j2"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+TEMPLATE = "slurm/job.sbatch.j2"
+NODE_SCRIPT = "launch/slurm_node.sh"
+ACCELERATE_CONFIGS = "launch/accelerate"
 # The signal asked for with --signal; a stop caused by it means "requeue me".
 REQUEUE_SIGNAL = "SIGUSR1"
+
+
+def shipped(path: str) -> Traversable:
+    """A file installed with bigft: `bigft/templates/<path>`, e.g. 'launch/slurm_node.sh'."""
+    found = resources.files("bigft") / "templates"
+    for part in path.split("/"):
+        found = found / part
+    return found
+
+
+def _read_shipped(path: str) -> str:
+    try:
+        return shipped(path).read_text()
+    except OSError:
+        raise BigftError(f"bigft is missing its file {path} (reinstall bigft)") from None
 
 
 def sbatch_quote(value: object) -> str:
@@ -79,11 +100,47 @@ def time_seconds(limit: str) -> int | None:
     return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def job_env(s: SlurmConfig, config_dir: Path) -> list[tuple[str, str | None]]:
+def cpus_per_task(s: SlurmConfig) -> int | None:
+    """--cpus-per-task of the one task per node, which runs all of the node's ranks.
+
+    slurm.cpus_per_task if set; else, with GPUs, ranks x slurm.cpus_per_gpu (ranks:
+    processes_per_node, default gpus_per_node); else one CPU per rank when
+    processes_per_node is set. Without it Slurm would give the task one CPU, and on a
+    cluster that binds tasks to their CPUs every rank of the node would share it.
+    """
+    if s.cpus_per_task is not None:
+        return s.cpus_per_task
+    if s.gpus_per_node:
+        return (s.processes_per_node or s.gpus_per_node) * s.cpus_per_gpu
+    return s.processes_per_node
+
+
+def find_accelerate_config(value: str, config_dir: Path) -> Path | Traversable:
+    """The file slurm.accelerate_config names: a path (relative ones from the config's
+    directory), else one of the accelerate configs bigft ships, by name ('zero3',
+    'zero3.yaml') or by its path in the repository ('launch/accelerate/zero3.yaml')."""
+    path = Path(value).expanduser()
+    local = path if path.is_absolute() else config_dir / path
+    if local.is_file():
+        return local
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    candidate = shipped(f"{ACCELERATE_CONFIGS}/{name}")
+    known = value in (path.name, f"{ACCELERATE_CONFIGS}/{name}")
+    if known and candidate.is_file():
+        return candidate
+    names = sorted(f.name.removesuffix(".yaml") for f in shipped(ACCELERATE_CONFIGS).iterdir())
+    raise ConfigError(
+        f"slurm.accelerate_config: {value} not found (relative paths are read from "
+        f"{config_dir}); or name one that bigft ships: {', '.join(names)}"
+    )
+
+
+def job_env(s: SlurmConfig, accelerate_config: str | None = None) -> list[tuple[str, str | None]]:
     """Environment exported by the batch script: NCCL knobs, slurm.env, launch settings.
 
-    A secret (see `secret_env`) has no value here: the script reads it from the job's
-    environment, so it is never written to a file.
+    `accelerate_config` is the job's copy of slurm.accelerate_config. A secret (see
+    `secret_env`) has no value here: the script reads it from the job's environment, so
+    it is never written to a file.
     """
     env: list[tuple[str, str | None]] = []
     if s.nccl_socket_ifname:
@@ -107,10 +164,8 @@ def job_env(s: SlurmConfig, config_dir: Path) -> list[tuple[str, str | None]]:
         env.append(("BIGFT_NPROC_PER_NODE", str(s.processes_per_node)))
     if s.master_port:
         env.append(("BIGFT_MASTER_PORT", str(s.master_port)))
-    if s.accelerate_config:
-        path = Path(s.accelerate_config)
-        resolved = path if path.is_absolute() else config_dir / path
-        env.append(("BIGFT_ACCELERATE_CONFIG", str(resolved if resolved.exists() else path)))
+    if accelerate_config:
+        env.append(("BIGFT_ACCELERATE_CONFIG", accelerate_config))
     return env
 
 
@@ -121,7 +176,7 @@ def render_script(
     config: str,
     node_script: str,
     log_path: str,
-    config_dir: Path | None = None,
+    accelerate_config: str | None = None,
     array: str | None = None,
     configs_dir: str | None = None,
 ) -> str:
@@ -136,10 +191,7 @@ def render_script(
                 f"slurm.signal_seconds ({s.signal_seconds}) must be shorter than slurm.time "
                 f"({s.time} = {limit} s)"
             )
-    if not (TEMPLATES / TEMPLATE).is_file():
-        raise BigftError(f"Slurm template not found: {TEMPLATES / TEMPLATE}")
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
@@ -151,14 +203,15 @@ def render_script(
         "version": __version__,
         "source": source,
         "job_name": s.job_name or Path(cfg.output_dir).name or "bigft",
-        "env": job_env(s, config_dir or Path.cwd()),
+        "cpus_per_task": cpus_per_task(s),
+        "env": job_env(s, accelerate_config),
         "config": config,
         "node_script": node_script,
         "log_path": log_path,
         "array": array,
         "configs_dir": configs_dir,
     }
-    return env.get_template(TEMPLATE).render(**values)
+    return env.from_string(_read_shipped(TEMPLATE)).render(**values)
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,13 +235,20 @@ def load_job_config(
     return cfg
 
 
+def launch_files(s: SlurmConfig, config_dir: Path) -> dict[str, str]:
+    """What each node runs besides the config: the node script (`node.sh`) and, when
+    slurm.accelerate_config is set, that file (`accelerate.yaml`), copied into the job."""
+    files = {"node.sh": _read_shipped(NODE_SCRIPT)}
+    if s.accelerate_config:
+        source = find_accelerate_config(s.accelerate_config, config_dir)
+        files["accelerate.yaml"] = source.read_text()
+    return files
+
+
 def _write_job_files(job_dir: Path, files: dict[str, str]) -> None:
-    """Write the job's files (after everything rendered and validated) and the node script."""
-    if not NODE_SCRIPT.is_file():
-        raise BigftError(f"per-node entry script not found: {NODE_SCRIPT}")
+    """Write the job's files, after everything was rendered and validated."""
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(NODE_SCRIPT, job_dir / "node.sh")
         for name, text in files.items():
             (job_dir / name).parent.mkdir(exist_ok=True)
             (job_dir / name).write_text(text)
@@ -197,18 +257,19 @@ def _write_job_files(job_dir: Path, files: dict[str, str]) -> None:
 
 
 def prepare_job(cfg: Config, source: Path) -> Path:
-    """Render `job.sbatch`, then write it with the frozen config and node script into
-    `<output_dir>/slurm/`; returns the script's path."""
+    """Render `job.sbatch`, then write it with the frozen config, the node script and the
+    accelerate config into `<output_dir>/slurm/`; returns the script's path."""
     job_dir = Path(cfg.output_dir) / "slurm"
-    text = render_script(
+    files = launch_files(cfg.slurm, source.resolve().parent)
+    files["job.sbatch"] = render_script(
         cfg,
         source=str(source),
         config=str(job_dir / "config.yaml"),
         node_script=str(job_dir / "node.sh"),
         log_path=_slurm_filename(job_dir) + "/job-%j.out",
-        config_dir=source.resolve().parent,
+        accelerate_config=str(job_dir / "accelerate.yaml") if "accelerate.yaml" in files else None,
     )
-    _write_job_files(job_dir, {"config.yaml": dump_config(cfg), "job.sbatch": text})
+    _write_job_files(job_dir, {**files, "config.yaml": dump_config(cfg)})
     return job_dir / "job.sbatch"
 
 
@@ -296,7 +357,7 @@ def prepare_sweep(
     """Validate every grid point's config, write them, render one array script."""
     base = load_job_config(config, overrides, flags)
     job_dir = Path(base.output_dir) / "slurm"
-    files, tasks = {}, []
+    files, tasks = launch_files(base.slurm, config.resolve().parent), []
     for i, point in enumerate(expand_grid(grids)):
         out = Path(base.output_dir) / f"task-{i:03d}"
         cfg = load_job_config(config, [*overrides, *point, f"output_dir={out}"], flags)
@@ -310,7 +371,7 @@ def prepare_sweep(
         config="",
         node_script=str(job_dir / "node.sh"),
         log_path=_slurm_filename(job_dir) + "/job-%A_%a.out",
-        config_dir=config.resolve().parent,
+        accelerate_config=str(job_dir / "accelerate.yaml") if "accelerate.yaml" in files else None,
         array=f"0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else ""),
         configs_dir=str(job_dir / "configs"),
     )
@@ -319,12 +380,41 @@ def prepare_sweep(
 
 
 # ---------------------------------------------------------------------------------------
-# Following jobs: squeue while queued or running, then sacct (with accounting) or scontrol.
+# Following jobs: squeue while queued or running, then sacct (with accounting) or scontrol,
+# then (once slurmctld forgot the job, MinJobAge) the job's own log.
+
+# What each Slurm job state means for the run. PREEMPTED is missing on purpose: a job
+# submitted with --requeue goes back to the queue, one without it has ended.
+STATE_OUTCOMES = {
+    "pending": (
+        "PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD",
+        "SPECIAL_EXIT",
+    ),
+    # SUSPENDED and STOPPED are paused, not over: the job continues when resumed.
+    "running": (
+        "RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED",
+    ),
+    "completed": ("COMPLETED",),
+    "failed": (
+        "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+        "DEADLINE", "REVOKED",
+    ),
+}  # fmt: skip
+_OUTCOME = {state: outcome for outcome, states in STATE_OUTCOMES.items() for state in states}
 
 
 def parse_scontrol(line: str) -> dict[str, str]:
     """`scontrol -o show job` record -> {field: value} (values with spaces are cut short)."""
     return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def state_outcome(state: str, requeue: bool = True) -> str:
+    """'pending', 'running', 'completed', 'failed' or 'unknown' for a job state as squeue,
+    sacct ('CANCELLED by 1000') or scontrol spell it; `requeue`: submitted with --requeue."""
+    name = state.split()[0].rstrip("+").upper() if state.strip() else ""
+    if name == "PREEMPTED":
+        return "pending" if requeue else "failed"
+    return _OUTCOME.get(name, "unknown")
 
 
 def query_states(job_id: str) -> dict[str, dict[str, str]]:
@@ -351,6 +441,52 @@ def query_states(job_id: str) -> dict[str, dict[str, str]]:
         found.setdefault("reason", f.get("Reason", ""))
         found.setdefault("elapsed", f.get("RunTime", ""))
     return states
+
+
+def _log_verdict(log: Path) -> str | None:
+    """How the batch script says the job ended (its last such line), or None."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    ends = r"^bigft: (training step exited with status \d+|job restarted .*; giving up)"
+    found = re.findall(ends, text, re.MULTILINE)
+    return found[-1] if found else None
+
+
+def job_status(run_dir: Path) -> dict[str, Any]:
+    """`bigft slurm status`: the Slurm states of the run's last job, its training progress,
+    and one outcome: 'pending', 'running', 'completed', 'failed' or 'unknown', with why."""
+    job = last_job(run_dir)
+    job_id = job["job_id"]
+    script = Path(job["script"])
+    text = script.read_text() if script.is_file() else ""
+    requeue = re.search(r'^#SBATCH "?--requeue"?$', text, re.MULTILINE) is not None
+    states = query_states(job_id)
+    progress = run_progress(run_dir)
+    log = run_dir / "slurm" / f"job-{job_id}.out"
+    status: dict[str, Any] = {"job_id": job_id, "states": states, "progress": progress}
+    status["log"] = log if log.is_file() else run_dir / "slurm"
+    outcomes = {jid: state_outcome(info.get("state", ""), requeue) for jid, info in states.items()}
+    failed = [jid for jid, outcome in outcomes.items() if outcome == "failed"]
+    if failed:
+        info = states[failed[0]]
+        why = f"job {info['state'].split()[0]}"
+        if info.get("exit_code"):
+            why += f", exit code {info['exit_code']}"
+        return {**status, "outcome": "failed", "why": why}
+    for outcome in ("running", "pending", "unknown"):
+        if outcome in outcomes.values():
+            return {**status, "outcome": outcome, "why": ""}
+    if not states:  # slurmctld no longer knows the job, and there is no accounting
+        verdict = None if job.get("array_size") else _log_verdict(log)
+        if verdict is None and not progress["finished"]:
+            return {**status, "outcome": "unknown", "why": ""}
+        if verdict and not verdict.endswith(" status 0"):
+            return {**status, "outcome": "failed", "why": f'its log says "{verdict}"'}
+    # Every part of the job completed: a single run also wrote its summary.json. A sweep's
+    # tasks train elsewhere (`bigft slurm sweep-status`).
+    if not progress["finished"] and not job.get("array_size"):
+        why = "the job ended before training finished (no summary.json)"
+        return {**status, "outcome": "failed", "why": why}
+    return {**status, "outcome": "completed", "why": ""}
 
 
 def run_progress(output_dir: Path) -> dict[str, Any]:

@@ -39,6 +39,14 @@ EXCLUSIVE = typer.Option(None, "--exclusive/--shared", help="Whole nodes (slurm.
 MEM = typer.Option(None, "--mem", help="Memory per node, e.g. 480G (slurm.mem).")
 JOB_NAME = typer.Option(None, "--job-name", "-J", help="Job name (slurm.job_name).")
 CHECK = typer.Option(False, "--check", help="Validate with `sbatch --test-only`.")
+# How `status` words a job's outcome (bigft.slurm.job_status).
+OUTCOME_WORDS = {
+    "pending": "queued",
+    "running": "in progress",
+    "completed": "finished",
+    "failed": "failed",
+    "unknown": "outcome unknown",
+}
 
 
 def _user_errors(func: F) -> F:
@@ -133,22 +141,34 @@ def submit(
 @slurm_app.command()
 @_user_errors
 def status(run_dir: Path = RUN_DIR_ARG) -> None:
-    """Show the Slurm state of a submitted run and how far its training got."""
+    """Show the Slurm state of a submitted run and how far its training got.
+
+    Exits with 1 when the job failed (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL,
+    ... or it ended before training finished), and then shows the end of its log.
+    """
     from bigft import slurm
 
-    job = slurm.last_job(run_dir)
-    states = slurm.query_states(job["job_id"])
-    progress = slurm.run_progress(run_dir)
-    if not states:
-        print(f"job {job['job_id']}: no longer known to Slurm (finished long ago?)")
-    for job_id, info in sorted(states.items()):
+    found = slurm.job_status(run_dir)
+    progress = found["progress"]
+    if not found["states"]:
+        print(f"job {found['job_id']}: no longer known to Slurm (finished long ago?)")
+    for job_id, info in sorted(found["states"].items()):
         shown = " ".join(f"{k}={v}" for k, v in info.items() if v)
         print(f"job {job_id}: {shown}")
-    done = "finished" if progress["finished"] else "in progress"
+    outcome = found["outcome"]
+    done = OUTCOME_WORDS[outcome] + (f": {found['why']}" if found["why"] else "")
     print(f"training: step {progress['step']} ({done})")
     if "eval_loss" in progress:
         print(f"final eval_loss: {progress['eval_loss']:.4f}")
-    print(f"log: {run_dir / 'slurm'}")
+    log = found["log"]
+    if outcome != "failed" or not log.is_file():
+        print(f"log: {log}")
+    else:
+        print(f"end of the log, {log}:")
+        for line in log.read_text(errors="replace").splitlines()[-10:]:
+            print(f"  {line}")
+    if outcome == "failed":
+        raise typer.Exit(1)
 
 
 @slurm_app.command()

@@ -7,6 +7,7 @@ micro-batches whose loss is normalized by the target tokens of the whole step.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bigft import checkpoint as ckpt
-from bigft import faults, preemption
+from bigft import faults, preemption, rundir
 from bigft.config import Config, dump_config, redacted_config
 from bigft.data import (
     PreparedData,
@@ -41,9 +42,8 @@ from bigft.distributed import (
     build_accelerator,
     check_fsdp_layers,
     engine_report,
-    full_weights_digest,
+    offloads_optimizer_step,
     peak_memory_mib,
-    peak_rss_mib_per_rank,
     resolve_precision,
     world_size_from_env,
 )
@@ -51,7 +51,13 @@ from bigft.errors import BigftError, TrainingError
 from bigft.evaluate import load_scorer
 from bigft.losses import count_targets, loss_sum
 from bigft.methods import apply_method
-from bigft.model import count_parameters, load_model, load_tokenizer
+from bigft.model import (
+    attention_implementation,
+    attention_summary,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+)
 from bigft.optim import build_optimizer, build_scheduler, describe_groups
 from bigft.tracking import MetricsLog, resolve_trackers, start_tracking, tensorboard_dir
 from bigft.validation import (
@@ -84,6 +90,7 @@ class Run:
     metrics: MetricsLog
     console: Console
     step: int = 0
+    saved_step: int | None = None  # step of the checkpoint this process last wrote
     last_eval: dict[str, Any] = field(default_factory=dict)
     label_names: list[str] | None = None  # classification: class names in id order
     teacher: Any = None  # distillation teacher (frozen, eval mode)
@@ -91,8 +98,11 @@ class Run:
     counters: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "targets": 0})
 
 
-def setup(cfg: Config, console: Console | None = None) -> Run:
-    """Validate and build everything; only then create the run directory."""
+def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) -> Run:
+    """Validate and build everything; only then create the run directory.
+
+    `overwrite`: a previous run in output_dir is moved aside instead of refused (with
+    train.resume never) or continued."""
     console = console or Console(stderr=True)
     adopt_launcher_strategy(cfg.parallel)
     layout = batch_layout(cfg.train, world_size_from_env(), _auto_micro_batch(cfg, console))
@@ -134,7 +144,7 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
         world_size=accelerator.num_processes,
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
-        collate=make_collator(cfg, tokenizer),
+        collate=make_collator(cfg, tokenizer),  # replaced once the model is loaded
     )
     total_steps = cfg.train.steps or max(
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)
@@ -150,15 +160,18 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
         tokenizer.pad_token_id,
         # FSDP2 fills every rank's shards from rank 0 at prepare
         from_rank0=cfg.parallel.strategy == "fsdp2" and cfg.parallel.fsdp_cpu_ram_efficient_loading,
+        method=cfg.method.name,
     )
+    # Batches are shaped for the attention implementation the model really runs.
+    loader.collate = make_collator(cfg, tokenizer, attention_implementation(model))
     model = apply_method(model, cfg)
-    teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator.device)
     check_fsdp_layers(model, cfg.parallel)
     ckpt.check_disk_space(cfg.output_dir, model, cfg.optim.name, cfg.checkpoint.export)
-    output_dir = _prepare_output_dir(cfg, accelerator)
-    optimizer = build_optimizer(model, cfg.optim)
+    output_dir = _prepare_output_dir(cfg, accelerator, overwrite)
+    optimizer = build_optimizer(model, cfg.optim, offloads_optimizer_step(cfg.parallel))
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator)
     # The scheduler is stepped by hand once per optimizer step (Accelerate would step it
     # once per process). Its state is saved in trainer_state.json, not registered with
     # Accelerate, which would pickle it and unpickle it with full trust on resume.
@@ -185,10 +198,16 @@ def setup(cfg: Config, console: Console | None = None) -> Run:
 
 
 def _load_teacher(
-    cfg: Config, label_names: list[str] | None, pad_token_id: int, device: torch.device
+    cfg: Config, label_names: list[str] | None, pad_token_id: int, accelerator: Accelerator
 ) -> Any:
-    """distill.teacher, frozen in eval mode on this process's device (not sharded: the
-    teacher is expected to fit beside the student)."""
+    """distill.teacher: frozen, in eval mode, laid out like the student.
+
+    ZeRO-3 loads it partitioned (the engine's zero.Init is live) and wraps it in a
+    DeepSpeed inference engine, so each process holds 1/N of it and gathers layer by
+    layer in forward; FSDP2 shards it with the student's plugin. Under DDP and ZeRO-1/2
+    every process holds a full copy. Called after the student is prepared, so the
+    engine's configuration is final.
+    """
     if cfg.distill.teacher is None:
         return None
     teacher_cfg = cfg.model.model_copy(update={"name_or_path": cfg.distill.teacher})
@@ -196,7 +215,28 @@ def _load_teacher(
         teacher_cfg, cfg.train.precision, None, cfg.task, label_names, pad_token_id
     )
     teacher.requires_grad_(False)
-    return teacher.eval().to(device)
+    teacher.eval()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and any(
+        hasattr(p, "ds_numel") for p in teacher.parameters()
+    ):
+        import deepspeed
+
+        plugin = accelerator.state.deepspeed_plugin
+        config = {
+            k: v
+            for k, v in copy.deepcopy(plugin.deepspeed_config).items()
+            if k not in ("optimizer", "scheduler")
+        }
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()  # DeepSpeedEngine.eval() returns None
+        return engine
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        sharded = fsdp2_prepare_model(accelerator, teacher)
+        sharded.eval()
+        return sharded
+    return teacher.to(accelerator.device)
 
 
 def _auto_micro_batch(cfg: Config, console: Console) -> int | None:
@@ -212,16 +252,35 @@ def _auto_micro_batch(cfg: Config, console: Console) -> int | None:
     return micro
 
 
-def _prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+def _prepare_output_dir(cfg: Config, accelerator: Accelerator, overwrite: bool) -> Path:
+    """Claim output_dir for this run: refuse a silent mix with an earlier run, move a
+    previous run aside when asked (`--overwrite`), take the directory's lock, write the
+    resolved config. Every process reaches the same verdict before any acts."""
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise BigftError(f"output_dir '{out}' exists and is not a directory")
+    rundir.check_output_dir(out, cfg.train.resume, overwrite)
+    failure: str | None = None
+    notes: list[str] = []
     if accelerator.is_main_process:
         try:
+            if overwrite and rundir.holds_run(out):
+                notes.append(f"moved the previous run in {out} to {rundir.move_aside(out)}")
             out.mkdir(parents=True, exist_ok=True)
+            taken = rundir.acquire(out)
+            notes += [taken] if taken else []
             (out / "config.yaml").write_text(dump_config(cfg))
+        except BigftError as exc:
+            failure = str(exc)
         except OSError as exc:
-            raise BigftError(f"output_dir '{out}': cannot write ({exc.strerror})") from None
+            failure = f"output_dir '{out}': cannot write ({exc.strerror})"
+    if accelerator.num_processes > 1:
+        shared: list[Any] = [failure, notes]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        failure, notes = shared
+    if failure is not None:
+        raise BigftError(failure)
+    for note in notes:
+        if accelerator.is_main_process:
+            Console(stderr=True).print(note, highlight=False)
     accelerator.wait_for_everyone()
     return out
 
@@ -231,10 +290,13 @@ def _maybe_resume(run: Run) -> None:
         say(run, note)
     path = ckpt.resolve_resume(run.cfg.train.resume, run.output_dir)
     if path is None:
+        # A run killed before its first checkpoint starts over: so does its log.
+        if run.accelerator.is_main_process:
+            run.metrics.rewind(-1)
         return
     ckpt.check_compatible(path, run.cfg.parallel.strategy, run.accelerator.num_processes)
     state = ckpt.load_checkpoint(run.accelerator, path, run.cfg.model.allow_pickle)
-    run.step = int(state["step"])
+    run.step = run.saved_step = int(state["step"])
     _restore_scheduler(run.scheduler, state.get("scheduler"), run.step)
     run.counters.update(state.get("counters", {}))
     run.best = state.get("best", {})
@@ -267,6 +329,19 @@ def _trainer_state(run: Run) -> dict[str, Any]:
     }
 
 
+def _save_checkpoint(run: Run) -> Path:
+    """Checkpoint the run at its current step (every process calls this)."""
+    path = ckpt.save_checkpoint(
+        run.accelerator,
+        run.output_dir,
+        run.step,
+        _trainer_state(run),
+        run.cfg.checkpoint.keep_last,
+    )
+    run.saved_step = run.step
+    return path
+
+
 def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches.
 
@@ -276,6 +351,7 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     processes; the scale below undoes both.
     """
     acc, model = run.accelerator, run.model
+    lr = step_lr(run.optimizer, run.cfg.optim.lr)  # what this step's update uses
     local_targets = sum(count_targets(b) for b in micro_batches)
     # One collective per step carries the token counts and any process's stop request.
     counts = torch.tensor(
@@ -305,6 +381,7 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     run.scheduler.step()
     return {
         **update,
+        "lr": lr,
         "tokens": global_tokens,
         "targets": global_targets,
         "stop_requests": stop_requests,
@@ -353,6 +430,14 @@ def _apply_update(run: Run, loss_total: torch.Tensor, global_targets: float) -> 
     return {"loss": loss, "grad_norm": norm, "nonfinite": nonfinite, "applied": applied}
 
 
+def step_lr(optimizer: Any, base_lr: float) -> float:
+    """optim.lr scaled by the schedule as it stands now, i.e. the peak learning rate of
+    the coming update (groups with their own lr, e.g. layer-wise decay, scale the same)."""
+    group = optimizer.param_groups[0]
+    initial = group.get("initial_lr") or group["lr"]
+    return base_lr * group["lr"] / initial if initial else 0.0
+
+
 def _grads_nonfinite(model: Any) -> bool:
     """Whether this process's gradients hold a NaN/inf (one host sync, not one per tensor)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -370,13 +455,17 @@ def _real_tokens(batch: Batch) -> int:
     """Input tokens that are not padding (packed rows: positions inside a sequence)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    # A packed row ends with an optional padding tail that restarts at position 0 and
-    # holds no target; every real sequence holds at least one target.
-    pos, labels = batch["position_ids"], batch["labels"]
-    index = torch.arange(pos.size(1), device=pos.device).expand_as(pos)
-    last_start = torch.where(pos == 0, index, 0).max(dim=1).values
-    last_is_real = ((labels != -100) & (index >= last_start[:, None])).any(dim=1)
-    return int(torch.where(last_is_real, pos.size(1), last_start).sum())
+    if "position_ids" not in batch:
+        return int(batch["input_ids"].numel())
+    # Packed rows (one row per micro-batch row, or all of them flattened into one): a
+    # sequence starts where position_ids is 0; the padding filling a row's tail is a
+    # sequence with no target, while every real sequence holds at least one target.
+    starts = batch["position_ids"].reshape(-1) == 0
+    starts[0] = True
+    segment = starts.long().cumsum(0) - 1
+    targets = (batch["labels"].reshape(-1) != -100).long()
+    real = torch.bincount(segment, weights=targets.double()) > 0
+    return int(real[segment].sum())
 
 
 def _next_micro_batches(run: Run, batches: Iterator[Batch]) -> list[Batch]:
@@ -390,8 +479,17 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
     """Run optimizer steps to the end, evaluating and checkpointing on schedule.
 
     `stop_after` ends the run early at that step with a resumable checkpoint, as a
-    preempted job would (the final evaluation and export are skipped).
+    preempted job would (the final evaluation and export are skipped). The output
+    directory's lock is released however the run ends.
     """
+    try:
+        return _train(run, stop_after)
+    finally:
+        if run.accelerator.is_main_process:
+            rundir.release(run.output_dir)
+
+
+def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
     cfg, acc = run.cfg, run.accelerator
     if acc.is_main_process:
         run.console.print(startup_summary(run))
@@ -416,10 +514,10 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 record = {
                     "step": run.step,
                     "loss": round(stats["loss"], 6),
-                    "lr": run.scheduler.get_last_lr()[0],
+                    "lr": stats["lr"],
                     "grad_norm": round(stats["grad_norm"], 6),
                     "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
-                    "epoch": round(_epoch(run.loader), 4),
+                    "epoch": round(run.loader.epoch_progress, 4),
                     "mem_mib": peak_memory_mib(acc),
                     "skipped_steps": int(run.counters.get("skipped_steps", 0)),
                 }
@@ -437,9 +535,7 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
                 break
             reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
-                ckpt.save_checkpoint(
-                    acc, run.output_dir, run.step, _trainer_state(run), cfg.checkpoint.keep_last
-                )
+                _save_checkpoint(run)
                 say(run, f"stopped at step {run.step} ({reason}); checkpoint written")
                 return {"steps": run.step, "stopped": reason, "output_dir": str(run.output_dir)}
     return _finish(run)
@@ -477,13 +573,7 @@ def _stop_if_nonfinite(run: Run, stats: dict[str, float]) -> None:
         reason = f"{skipped} steps skipped, more than train.max_skipped = {train.max_skipped}"
     else:
         return
-    path = ckpt.save_checkpoint(
-        run.accelerator,
-        run.output_dir,
-        run.step,
-        _trainer_state(run),
-        run.cfg.checkpoint.keep_last,
-    )
+    path = _save_checkpoint(run)
     raise TrainingError(
         f"{what}; stopped ({reason}). The update was not applied: {path} holds the weights "
         f"of step {run.step - 1} and resumes after this batch (e.g. with a lower optim.lr)"
@@ -509,13 +599,7 @@ def _evaluate_and_checkpoint(run: Run) -> bool:
     every = cfg.checkpoint.every_steps
     periodic = every is not None and run.step % every == 0
     if periodic or new_best:
-        path = ckpt.save_checkpoint(
-            run.accelerator,
-            run.output_dir,
-            run.step,
-            _trainer_state(run),
-            cfg.checkpoint.keep_last,
-        )
+        path = _save_checkpoint(run)
         if new_best and run.accelerator.is_main_process:
             ckpt.mark_best(run.output_dir, path, run.best)
         run.accelerator.wait_for_everyone()
@@ -547,6 +631,7 @@ def startup_summary(run: Run) -> Table:
     table.add_column()
     rows = [
         ("model", f"{cfg.model.name_or_path} ({cfg.task})"),
+        ("attention", attention_summary(acc.unwrap_model(run.model))),
         ("parameters", f"{trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})"),
         ("method", method),
         (
@@ -575,18 +660,16 @@ def _memory_plan_text(run: Run) -> str:
     if run.cfg.task != "causal_lm":
         return "not planned for sequence-classification models"
     try:
-        from bigft.plan import choose_micro_batch
+        from bigft.plan import plan_for_run
 
-        _, report = choose_micro_batch(
-            run.cfg.model_copy(
-                update={
-                    "train": run.cfg.train.model_copy(
-                        update={"micro_batch_size": run.layout.micro_batch_size}
-                    )
-                }
-            ),
-            run.accelerator.num_processes,
+        cfg = run.cfg.model_copy(
+            update={
+                "train": run.cfg.train.model_copy(
+                    update={"micro_batch_size": run.layout.micro_batch_size}
+                )
+            }
         )
+        report = plan_for_run(cfg, run.accelerator.num_processes, run.layout.grad_accum)
     except BigftError as exc:
         return f"unavailable ({exc})"
     where = report.gpu.name if report.gpu.memory_gib else "per GPU"
@@ -601,10 +684,6 @@ def _stop_reason(run: Run, stop_after: int | None, stop_requests: float) -> str 
     if stop_requests == 0:
         return None
     return preemption.requested() or "signal on another process"
-
-
-def _epoch(loader: ShardedLoader) -> float:
-    return loader.epoch + loader.batch_index / loader.batches_per_epoch
 
 
 def _progress(run: Run) -> Progress:
@@ -629,11 +708,13 @@ def _finish(run: Run) -> dict[str, Any]:
         "skipped_steps": int(run.counters.get("skipped_steps", 0)),
         "world_size": run.accelerator.num_processes,
         "global_batch_size": run.layout.global_batch_size,
-        "engine": engine_report(run.accelerator, run.model),
-        "weights_sha256_per_rank": full_weights_digest(run.accelerator, run.model),
-        "peak_rss_mib_per_rank": peak_rss_mib_per_rank(run.accelerator),
+        "engine": engine_report(run.accelerator, run.model, run.optimizer),
         "output_dir": str(run.output_dir),
+        **faults.instrumentation(run.accelerator, run.model),
     }
+    if run.teacher is not None:  # a sharded teacher holds 1/N of its weights per process
+        teacher = engine_report(run.accelerator, run.teacher)["param_fraction_local"]
+        summary["engine"]["teacher_param_fraction_local"] = teacher
     every = cfg.eval.every_steps
     evaluated_now = every is not None and run.step % every == 0 and not loaded_best
     if run.best:
@@ -644,14 +725,8 @@ def _finish(run: Run) -> dict[str, Any]:
         )
     if run.data.test is not None:
         summary["test"] = evaluate_split(run, "test")
-    if cfg.checkpoint.every_steps and not loaded_best:
-        ckpt.save_checkpoint(
-            run.accelerator,
-            run.output_dir,
-            run.step,
-            _trainer_state(run),
-            cfg.checkpoint.keep_last,
-        )
+    if cfg.checkpoint.every_steps and not loaded_best and run.saved_step != run.step:
+        _save_checkpoint(run)
     if cfg.checkpoint.export:
         final = ckpt.export_model(
             run.accelerator, run.model, run.tokenizer, run.output_dir / "final"
@@ -662,10 +737,13 @@ def _finish(run: Run) -> dict[str, Any]:
     return summary
 
 
-def run_training(cfg: Config, console: Console | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: Config, console: Console | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """`bigft train`: set up, train, evaluate, export."""
     preemption.install()
-    run = setup(cfg, console)
+    preemption.die_with_launcher()
+    run = setup(cfg, console, overwrite)
     try:
         return train(run)
     finally:

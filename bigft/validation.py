@@ -20,6 +20,7 @@ from bigft.data import ShardedLoader, pack, prompt_and_reference
 from bigft.data.labeled import make_collator
 from bigft.errors import BigftError
 from bigft.evaluate import evaluate_labeled, evaluate_loss, exact_match, load_scorer
+from bigft.model import attention_implementation
 
 if TYPE_CHECKING:
     from bigft.train import Run
@@ -85,7 +86,7 @@ def eval_batches(run: Run, split: str) -> Iterator[Batch]:
         world_size=run.accelerator.num_processes,
         seed=run.cfg.train.seed,
         shuffle=False,
-        collate=make_collator(run.cfg, run.tokenizer),
+        collate=make_collator(run.cfg, run.tokenizer, attention_implementation(run.model)),
         drop_last=False,
     )
     # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must

@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Runs started by tests (in-process or as subprocesses) report each rank's weights digest.
+os.environ.setdefault("BIGFT_TEST_WEIGHTS_DIGEST", "1")
 
 from pathlib import Path
 

@@ -4,18 +4,30 @@ Three row shapes: `text` (continued pre-training), `alpaca` (instruction / input
 and `chat` (OpenAI `messages` or ShareGPT `conversations`, rendered by a chat template).
 
 Rules shared by all formats:
-- segments are tokenized separately with `add_special_tokens=False`, so the prompt's ids
-  are exactly what `tokenizer(prompt)` gives at generation time;
 - `bos_token_id` is prepended when the tokenizer has one (chat: unless the rendered text
-  already starts with it), `eos_token_id` ends each response and is a target, so the model
-  learns to stop;
+  already starts with it);
 - position 0 is never a target: in a packed row it would be predicted from the previous
   sequence's last token;
 - a blank response yields a row with no targets, which cleaning drops as `empty`.
+
+text / alpaca: segments are tokenized separately with `add_special_tokens=False`, so the
+prompt's ids are exactly what `tokenizer(prompt)` gives at generation time; `eos_token_id`
+ends each response and is a target, so the model learns to stop.
+
+chat: the conversation is rendered once by the template and tokenized once, so the ids are
+exactly `tokenizer(rendered, add_special_tokens=False)` (what `apply_chat_template`
+gives), merges across turn boundaries included. No eos is added: a turn ends with whatever
+the template closes it with (`<|im_end|>`, `<|eot_id|>`, `</s>`). Targets are the
+assistant spans, located by character: each assistant message's content plus the
+template's end-of-turn marker after it (see `assistant_spans`); role headers, other roles'
+text and template text after the marker are not. A token carrying any character of a span
+is a target (a piece merged across the boundary is one the model must produce).
 """
 
 from __future__ import annotations
 
+import re
+from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,7 +49,7 @@ SHORT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n##
 SHORT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 # Used when neither data.chat_template nor the tokenizer has one (base models). The eos
-# token closes each assistant turn so generation stops there.
+# token closes each assistant turn (its end-of-turn marker) so generation stops there.
 BUILTIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
@@ -120,6 +132,7 @@ class Formatter:
         if isinstance(own, dict):  # several named templates: the default one renders chats
             own = own.get("default")
         self.chat_template = spec.chat_template or own or BUILTIN_CHAT_TEMPLATE
+        self.end_of_turn = special_token_pattern(tokenizer)
 
     def __call__(self, row: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         if self.spec.format == "text":
@@ -187,29 +200,75 @@ class Formatter:
             raise RowError("chat row has no assistant turn: nothing to train on")
         try:
             full = self._render(messages, False)
-            spans = assistant_spans(messages, self._render, full, self.tokenizer.eos_token)
+            spans = assistant_spans(messages, self._render, full, self.end_of_turn)
         except RowError:
             raise
         except Exception as exc:  # jinja raises on roles or orders a template rejects
             raise RowError(f"chat template failed on this row ({exc})") from None
-        train_prompt = not self.spec.completion_only
-        eos_id = self.tokenizer.eos_token_id
-        pieces: list[tuple[list[int], bool]] = []
-        cursor = 0
-        for start, end in spans:
-            pieces.append((self._encode(full[cursor:start]), train_prompt))
-            span = self._encode(full[start:end])
-            if eos_id is not None and eos_id in span:
-                # Template text after the turn's eos (a newline, say) teaches nothing.
-                last = len(span) - 1 - span[::-1].index(eos_id)
-                pieces += [(span[: last + 1], True), (span[last + 1 :], train_prompt)]
-            else:
-                pieces += [(span, True), (self._eos(), True)]
-            cursor = end
-        pieces.append((self._encode(full[cursor:]), train_prompt))
-        bos = self.tokenizer.bos_token
+        ids, in_span = self._encode_marked(full, spans)
+        train_all = not self.spec.completion_only
         blank = all(not m["content"].strip() for m in messages if m["role"] == "assistant")
-        return self._assemble(pieces, blank, add_bos=not (bos and full.startswith(bos)))
+        labels = [
+            token if (mark or train_all) and not blank else IGNORE_INDEX
+            for token, mark in zip(ids, in_span, strict=True)
+        ]
+        bos, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
+        if bos_id is not None and not (bos and full.startswith(bos)):
+            ids, labels = [bos_id, *ids], [IGNORE_INDEX, *labels]
+        if labels:
+            labels[0] = IGNORE_INDEX
+        return ids, labels
+
+    def _encode_marked(
+        self, text: str, spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of `text` (no special tokens added) and, per token, whether it carries
+        a character of one of `spans` (sorted, disjoint [start, end) character ranges)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self._encode_marked_by_prefixes(text, spans)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [start for start, _ in spans]
+        marks: list[bool] = []
+        for first, end in encoded["offset_mapping"]:
+            # An empty piece (a "▁" a SentencePiece-style tokenizer inserts) counts at its
+            # position; any other piece by its last character.
+            last = end - 1 if end > first else first
+            j = bisect_right(starts, last) - 1
+            marks.append(j >= 0 and spans[j][1] > first)
+        return list(encoded["input_ids"]), marks
+
+    def _encode_marked_by_prefixes(
+        self, text: str, spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[bool]]:
+        """`_encode_marked` for tokenizers without offsets (Python "slow" ones).
+
+        The tokens before a boundary are those `text[:boundary]` shares with the whole
+        text. Tokenizers work left to right, so the two differ at most in the piece the
+        whole text merges across the boundary (Llama-2's "▁" + reply); that piece carries
+        characters of the span, so it is a target, as with offsets. A boundary where more
+        than one piece differs cannot be placed without offsets: the row is refused rather
+        than masked by guess. Costs one extra tokenization per boundary.
+        """
+        ids = self._encode(text)
+        marks = [False] * len(ids)
+        for start, end in spans:
+            first, _ = self._boundary(text[:start], ids)
+            stop, straddles = self._boundary(text[:end], ids)
+            for i in range(first, min(stop + straddles, len(ids))):
+                marks[i] = True
+        return ids, marks
+
+    def _boundary(self, prefix: str, ids: Sequence[int]) -> tuple[int, int]:
+        """(index in `ids` where `prefix` ends, 1 if the piece there straddles it else 0)."""
+        own = self._encode(prefix)
+        shared = _common_prefix(own, ids)
+        if len(own) - shared > 1:
+            raise RowError(
+                "this tokenizer has no offset mapping and tokenizes this conversation "
+                "differently across an assistant-turn boundary, so the turn cannot be "
+                "masked exactly; use a fast tokenizer (one with tokenizer.json)"
+            )
+        return shared, len(own) - shared
 
 
 def _string_field(
@@ -267,18 +326,47 @@ def _content_text(content: Any, where: str) -> str:
     raise RowError(f"{where}: content must be a string, got {type(content).__name__}")
 
 
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching any of the tokenizer's special tokens (the candidates for a
+    template's end-of-turn marker), longest first; None when it has none."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens = {
+        str(getattr(token, "content", token))
+        for token in added.values()
+        if getattr(token, "special", False)
+    }
+    tokens.update(getattr(tokenizer, "all_special_tokens", None) or [])
+    tokens.add(tokenizer.eos_token or "")
+    tokens.discard("")
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
+
+
 def assistant_spans(
     messages: list[dict[str, str]],
     render: Callable[[list[dict[str, str]], bool], str],
     full: str,
-    eos_token: str | None,
+    end_of_turn: re.Pattern[str] | None,
 ) -> list[tuple[int, int]]:
-    """Character spans of `full` produced by each assistant turn.
+    """Character spans of `full` the model must produce: each assistant message's content
+    as rendered, plus the end-of-turn marker the template closes it with.
 
-    Incremental rendering: the text added by messages[:i+1] beyond messages[:i] with a
-    generation prompt is what the model must produce for turn i (content plus the
-    template's end-of-turn markers). Templates that rewrite earlier turns (some strip
-    reasoning from history) break the prefix property; then we locate the content itself.
+    A turn's text is found by incremental rendering: what messages[:i+1] adds beyond
+    messages[:i] with a generation prompt. In it the content is located (verbatim, else
+    stripped, as Llama-2/3 templates trim it). The span starts at the content, or at the
+    turn's start when only whitespace precedes it (Llama-2's " " + content: a tokenizer
+    merges that space into the reply's first piece). It ends after the first special token
+    (a match of `end_of_turn`: `<|im_end|>`, `<|eot_id|>`, `</s>`) that follows the
+    content, so template text after the marker (a newline) is not trained on; a turn
+    closed by no special token keeps its text up to its last non-space character (a
+    textual marker). A template that renders the content changed (reasoning moved into a
+    block) gives the turn's whole text up to its end-of-turn.
+
+    Templates that rewrite earlier turns (a generation prompt that changes earlier text,
+    an eos after the last turn only) break the prefix property; then the content is
+    located in `full` after the previous span, and a special token right after it
+    (whitespace between allowed) is its end-of-turn.
     """
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -290,22 +378,51 @@ def assistant_spans(
             upto = render(messages[: i + 1], False)
         except Exception:  # e.g. a template that cannot render an empty conversation
             before = upto = ""
-        if upto and upto.startswith(before) and full.startswith(upto) and len(before) >= cursor:
-            spans.append((len(before), len(upto)))
-            cursor = len(upto)
-            continue
-        start = full.find(message["content"], cursor)
-        if start < 0:
-            raise RowError(
-                f"chat template does not render assistant turn {i} verbatim, so its tokens "
-                "cannot be located for masking; use another data.chat_template"
-            )
-        end = start + len(message["content"])
-        if eos_token and full.startswith(eos_token, end):
-            end += len(eos_token)
+        stable = bool(upto) and upto.startswith(before) and full.startswith(upto)
+        if stable and len(before) >= cursor:
+            turn, turn_end = len(before), len(upto)
+            found = _find_content(full, message["content"], turn, turn_end)
+            start, content_end = found or (turn, turn)
+            if not full[turn:start].strip():
+                start = turn
+            marker = end_of_turn.search(full, content_end, turn_end) if end_of_turn else None
+            tail = full[content_end:turn_end].rstrip()
+            end = marker.end() if marker else content_end + len(tail)
+        else:
+            found = _find_content(full, message["content"], cursor, len(full))
+            if found is None:
+                raise RowError(
+                    f"chat template does not render assistant turn {i} verbatim, so its "
+                    "tokens cannot be located for masking; use another data.chat_template"
+                )
+            start, end = found
+            after = end
+            while after < len(full) and full[after].isspace():
+                after += 1
+            marker = end_of_turn.match(full, after) if end_of_turn else None
+            if marker:
+                end = marker.end()
         spans.append((start, end))
         cursor = end
     return spans
+
+
+def _find_content(full: str, content: str, lo: int, hi: int) -> tuple[int, int] | None:
+    """[start, end) of `content` (or, failing that, of it stripped) in full[lo:hi]."""
+    for text in (content, content.strip()):
+        start = full.find(text, lo, hi)
+        if start >= 0:
+            return start, start + len(text)
+    return None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def prompt_and_reference(

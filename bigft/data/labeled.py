@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 
 from bigft.config import Config, DataConfig
-from bigft.data.packing import Collator
+from bigft.data.packing import Collator, needs_flat_packing
 from bigft.data.pipeline import DataStats, PreparedData, SplitStats, assemble_splits
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
@@ -195,8 +195,14 @@ class LabelCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_collator(cfg: Config, tokenizer: Any) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
-    """Batches for the task: token rows (packed or padded) or labelled rows."""
+def make_collator(
+    cfg: Config, tokenizer: Any, attn_implementation: str | None = None
+) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+    """Batches for the task: token rows (packed or padded) or labelled rows.
+
+    `attn_implementation` is the one the loaded model runs: packed rows are flattened to
+    one row when it isolates sequences only in that shape (flash-attention)."""
     if cfg.task == "causal_lm":
-        return Collator(tokenizer.pad_token_id, packed=cfg.data.packing)
+        flat = cfg.data.packing and needs_flat_packing(attn_implementation)
+        return Collator(tokenizer.pad_token_id, packed=cfg.data.packing, flatten=flat)
     return LabelCollator(tokenizer.pad_token_id, regression=cfg.task == "regression")

@@ -1,9 +1,14 @@
 """Packing, collation and the deterministic, resumable, rank-sharded loader.
 
-Packed rows carry per-sequence `position_ids` that restart at 0 and no attention mask:
-transformers then isolates the sequences (sdpa, eager, flash-attention varlen), provided
-the forward pass runs with `use_cache=False`. The first label of every sequence is -100
-(see formats.py), so no token is ever predicted from another sequence.
+Packed rows carry per-sequence `position_ids` that restart at 0 and no attention mask.
+How transformers isolates the sequences depends on the attention implementation:
+sdpa / eager / flex build a block-diagonal mask from position_ids for any batch size
+(provided the forward pass runs with `use_cache=False`), while flash-attention takes its
+per-sequence (varlen) path only for a batch of ONE row. So for flash-style
+implementations the collator flattens a packed micro-batch of B rows into one row of
+B x seq_len (`needs_flat_packing`); the loss is a sum over targets, so the shape change
+does not change it. The first label of every sequence is -100 (see formats.py), so no
+token is ever predicted from another sequence, in either shape.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from bigft import faults
 from bigft.data.formats import IGNORE_INDEX
 from bigft.errors import DataError
 
@@ -136,22 +142,36 @@ def packing_efficiency(lengths: Sequence[int] | np.ndarray, seq_len: int) -> flo
     return float(lengths.sum()) / (rows * seq_len) if rows else 0.0
 
 
+# Attention implementations that isolate packed sequences with a mask built from
+# position_ids, whatever the batch size. Every other one (flash_attention_2/3 and the hub
+# kernels' flash variants) recognises a packed batch only when it is a single row.
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def needs_flat_packing(attn_implementation: str | None) -> bool:
+    """Whether packed micro-batches must be handed to the model as one row."""
+    return (attn_implementation or "eager") not in MASKED_ATTENTION
+
+
 class Collator:
     """list of rows -> dict of torch.long tensors.
 
     packed=True: rows already have equal length; stack input_ids, labels, position_ids (no
-    attention_mask: isolation comes from position_ids). packed=False: right-pad to the
+    attention_mask: isolation comes from position_ids); with `flatten` the B rows become
+    one row of B x seq_len (see the module docstring). packed=False: right-pad to the
     longest row in the batch, labels with -100, attention_mask 1 for real tokens.
     """
 
-    def __init__(self, pad_token_id: int, packed: bool) -> None:
+    def __init__(self, pad_token_id: int, packed: bool, flatten: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.packed = packed
+        self.flatten = flatten
 
     def __call__(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if self.packed:
             keys = ("input_ids", "labels", "position_ids")
-            return {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in keys}
+            batch = {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in keys}
+            return {k: v.reshape(1, -1) for k, v in batch.items()} if self.flatten else batch
         width = max(len(r["input_ids"]) for r in rows)
         batch = {
             "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
@@ -172,10 +192,11 @@ class ShardedLoader:
     Epoch e visits the rows in a permutation seeded by (seed, e), or in order when
     shuffle is off. Global batch k is `batch_size * world_size` consecutive entries of that
     order; rank r takes entries [r * batch_size, (r + 1) * batch_size) of it, so ranks are
-    disjoint and together cover the global batch. Iterating never ends (epoch after epoch);
-    `state_dict()` records the next batch, so a loader given it continues exactly there.
-    With drop_last=False the last global batch of an epoch wraps around to the epoch's
-    first rows, so every rank still gets a full batch.
+    disjoint and together cover the global batch. Iterating never ends (epoch after epoch).
+    The position is kept in rows of the epoch's order, not in batches, so `state_dict()`
+    taken on one world size resumes at the exact next row on another. With
+    drop_last=False the last global batch of an epoch wraps around to the epoch's first
+    rows, so every rank still gets a full batch.
     """
 
     def __init__(
@@ -200,8 +221,9 @@ class ShardedLoader:
         self.collate = collate
         self.drop_last = drop_last
         self.epoch = 0
-        self.batch_index = 0
+        self.position = 0  # rows of this epoch's order already handed out (all ranks)
         self.global_batch = batch_size * world_size
+        self._record = faults.row_recorder(rank)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"the training split has {len(dataset)} rows, fewer than one global batch "
@@ -214,6 +236,11 @@ class ShardedLoader:
         n = len(self.dataset)
         return n // self.global_batch if self.drop_last else math.ceil(n / self.global_batch)
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs completed, fractional: epoch + rows handed out / rows per epoch."""
+        return self.epoch + self.position / len(self.dataset)
+
     def order(self, epoch: int) -> np.ndarray:
         """Row indices of `epoch` in visiting order (the same on every rank)."""
         n = len(self.dataset)
@@ -222,22 +249,31 @@ class ShardedLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.epoch = int(state["epoch"])
-        self.batch_index = int(state["batch_index"])
+        if "position" in state:
+            self.position = int(state["position"])
+        else:  # checkpoints that counted batches, of the same layout
+            self.position = int(state["batch_index"]) * self.global_batch
+
+    def _epoch_done(self) -> bool:
+        remaining = len(self.dataset) - self.position
+        return remaining <= 0 or (self.drop_last and remaining < self.global_batch)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            if self.batch_index >= self.batches_per_epoch:
-                self.epoch, self.batch_index = self.epoch + 1, 0
+            if self._epoch_done():
+                self.epoch, self.position = self.epoch + 1, 0
             order = self.order(self.epoch)
-            start = self.batch_index * self.global_batch + self.rank * self.batch_size
+            start = self.position + self.rank * self.batch_size
             positions = np.arange(start, start + self.batch_size) % len(order)
             # Advance before yielding: a state_dict taken while the consumer holds this
             # batch already points at the next one.
-            self.batch_index += 1
+            self.position += self.global_batch
+            if self._record is not None:
+                self._record(self.epoch, positions, order[positions])
             yield self.collate(self._rows(order[positions]))
 
     def iter_epoch(self) -> Iterator[Any]:

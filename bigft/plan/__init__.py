@@ -14,6 +14,7 @@ from bigft.plan.planner import (
     PlanReport,
     choose_micro_batch,
     make_plan,
+    plan_for_run,
     workload_from_config,
 )
 from bigft.plan.simulate import SimResult, simulate
@@ -34,6 +35,7 @@ __all__ = [
     "load_arch",
     "make_plan",
     "model_states",
+    "plan_for_run",
     "shipped_archs",
     "simulate",
     "workload_from_config",

@@ -28,10 +28,14 @@ def plan(
     strategy: str | None = typer.Option(
         None, help="ddp | zero1 | zero2 | zero3 | zero3-offload | fsdp2."
     ),
-    gpu: str | None = typer.Option(None, help="GPU model, e.g. rtx4090, a100-80, h100."),
+    gpu: str | None = typer.Option(
+        None, help="GPU model, e.g. rtx4090, a100-80, h100 (default: the config's hardware.gpu)."
+    ),
     gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="GPU memory in GiB."),
-    gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="GPUs per node."),
-    nodes: int | None = typer.Option(None, help="Nodes."),
+    gpus_per_node: int | None = typer.Option(
+        None, "--gpus-per-node", help="GPUs per node (default: hardware, slurm, else 1)."
+    ),
+    nodes: int | None = typer.Option(None, help="Nodes (default: hardware, slurm, else 1)."),
     seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per row."),
     micro_batch: int | None = typer.Option(
         None, "--micro-batch", help="Evaluate this micro-batch instead of choosing one."
@@ -63,7 +67,7 @@ def plan(
     from rich.console import Console
 
     from bigft.plan.hardware import custom_gpu, get_gpu
-    from bigft.plan.planner import make_plan, workload_from_config
+    from bigft.plan.planner import make_plan, planned_gpu, workload_from_config
     from bigft.plan.render import plan_json, print_plan
 
     cfg = None
@@ -79,7 +83,8 @@ def plan(
         raise BigftError("key=value overrides need a CONFIG; use the flags with --model")
     if gpu is not None and gpu_mem is not None:
         raise BigftError("pass --gpu or --gpu-mem, not both")
-    card = custom_gpu(gpu_mem) if gpu_mem is not None else get_gpu(gpu or "h100-80")
+    named = planned_gpu(cfg) if gpu is None and gpu_mem is None else None  # hardware.gpu
+    card = custom_gpu(gpu_mem) if gpu_mem is not None else named or get_gpu(gpu or "h100-80")
     work = workload_from_config(
         cfg,
         model=model,
@@ -105,8 +110,13 @@ def plan(
         grad_accum=getattr(train, "grad_accum", None),
         cpu_mem_gib=cpu_mem,
     )
-    if gpu is None and gpu_mem is None:
-        report.notes.append("no --gpu given: planned for h100-80")
+    if gpu is None and gpu_mem is None and named is None:
+        report.notes.append("no --gpu given and no hardware.gpu in the config: planned for h100-80")
+    if cfg is not None and cfg.task != "causal_lm":
+        report.notes.append(
+            f"task {cfg.task} planned as a causal LM: an upper bound (the classification "
+            "head's logits are a few per row, not a vocabulary per token)"
+        )
     if simulate:
         import warnings
 

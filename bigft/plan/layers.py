@@ -55,11 +55,19 @@ def _out_bytes(work: Workload, x_bytes: int) -> int:
 
 
 def _linear_inputs(
-    work: Workload, d_in: int, names: tuple[str, ...], x_bytes: int, shared: bool
+    work: Workload,
+    d_in: int,
+    names: tuple[str, ...],
+    x_bytes: int,
+    shared: bool,
+    frozen: bool = False,
 ) -> float:
     """Per-token bytes saved for a group of linears reading one tensor (q/k/v, gate/up,
-    o, down). `shared`: the input is already saved by someone else (sdpa's output)."""
+    o, down). `shared`: the input is already saved by someone else (sdpa's output).
+    `frozen`: a frozen layer without adapters, whose linears keep no input."""
     total = 0.0
+    if frozen:
+        return total
     if not work.adapters:
         if work.autocast and x_bytes == 4:  # autocast casts fp32 per linear; each keeps it
             total += len(names) * 2 * d_in
@@ -103,22 +111,30 @@ def _attention(work: Workload, qkv_bytes: int) -> float:
     return att * (2 * q + k + v) + 4 * heads + att * s  # sdpa converts the mask per call
 
 
-def layer_bytes_per_token(work: Workload) -> float:
-    """Saved activations of one layer without checkpointing, per token (weights apart)."""
+def layer_bytes_per_token(work: Workload, frozen: bool = False) -> float:
+    """Saved activations of one layer without checkpointing, per token (weights apart).
+
+    `frozen`: one of freeze's frozen layers (no adapters, weights in their frozen dtype)
+    inside the graph of the workload. A norm's output has the promoted dtype of its weight
+    and the residual stream (an fp32 weight makes it fp32)."""
     a, r = work.arch, work.residual_bytes
     h, i = a.hidden, a.intermediate
-    full = not work.adapters
-    qkv_out = _out_bytes(work, r)
+    full = not work.adapters and not frozen
+    norm_w = work.trainable_weight_bytes if full else work.frozen_weight_bytes
+    x = int(max(norm_w, r))  # the normalized input of q/k/v and gate/up
+    qkv_out = _out_bytes(work, x)
     att_out = 2 if work.autocast else max(qkv_out, r)
-    mlp_out = _out_bytes(work, r)  # gate / up outputs, and the down projection's input
+    mlp_out = _out_bytes(work, x)  # gate / up outputs, and the down projection's input
     total = a.norms_per_layer * _norm(r, h, full)
-    total += _linear_inputs(work, h, ("q_proj", "k_proj", "v_proj"), r, shared=False)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    total += _linear_inputs(work, h, qkv, x, shared=False, frozen=frozen)
     total += _attention(work, qkv_out)
-    total += _linear_inputs(work, a.q_dim, ("o_proj",), att_out, shared=work.attn != "eager")
-    total += _linear_inputs(work, h, ("gate_proj", "up_proj"), r, shared=False)
-    total += _linear_inputs(work, i, ("down_proj",), mlp_out, shared=False)
+    o_shared = work.attn != "eager"
+    total += _linear_inputs(work, a.q_dim, ("o_proj",), att_out, o_shared, frozen)
+    total += _linear_inputs(work, h, ("gate_proj", "up_proj"), x, shared=False, frozen=frozen)
+    total += _linear_inputs(work, i, ("down_proj",), mlp_out, shared=False, frozen=frozen)
     total += 3 * mlp_out * i  # gate output (the activation's input), its output, up output
-    if work.method == "dora":
+    if work.method == "dora" and not frozen:
         # DoRA keeps the base and LoRA results of each adapted linear for the magnitude.
         total += sum(2 * mlp_out * a.linear_shapes()[t][1] for t in work.lora_targets)
     return total
@@ -132,8 +148,11 @@ def step_activations(work: Workload) -> StepActivations:
     h, v = a.hidden, a.vocab
     # Autocast's bf16 copies of fp32 weights: cached for trainable weights, saved by each
     # matmul for frozen ones (they give the input's gradient). 4-bit weights have none.
-    fp32_autocast = work.autocast and work.base_weight_bytes == 4
-    weight_copy = 2.0 * a.layer_linear_params if fp32_autocast and work.method != "qlora" else 0
+    fp32_frozen = work.autocast and work.frozen_weight_bytes == 4 and work.method != "qlora"
+    fp32_trained = work.autocast and work.trainable_weight_bytes == 4 and not work.adapters
+    frozen_copy = 2.0 * a.layer_linear_params if fp32_frozen else 0.0
+    trained_copy = 2.0 * a.layer_linear_params if fp32_trained else 0.0
+    weight_copy = frozen_copy if work.adapters else trained_copy
     adapter_copy = 2.0 * work.adapter_params_per_layer() if work.adapters and work.autocast else 0
     full_layer = layer_bytes_per_token(work) * n + weight_copy + adapter_copy
     ckpt_layer = float(r * h * n)  # a checkpointed layer keeps only its input
@@ -141,8 +160,7 @@ def step_activations(work: Workload) -> StepActivations:
     first_trainable = a.layers - work.n_trainable_layers
     # Frozen layers in the graph (freeze with trainable embeddings) keep what a frozen
     # base layer keeps: no inputs for weight gradients.
-    frozen = work.with_(method="lora", lora_targets=(), lora_dropout=0.0)
-    frozen_layer = layer_bytes_per_token(frozen) * n + weight_copy
+    frozen_layer = layer_bytes_per_token(work, frozen=True) * n + frozen_copy
 
     def saved(i: int) -> float:
         if work.grad_ckpt and i % work.ckpt_every == 0:
@@ -164,16 +182,19 @@ def step_activations(work: Workload) -> StepActivations:
         if work.adapters and work.lora_dropout > 0:
             qkv = [t for t in work.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
             bottom += (4 if work.device == "cpu" else 1) * n * h * len(qkv)
-        if fp32_autocast and work.adapters and work.method != "qlora":
+        if fp32_frozen and work.adapters:
             bottom += 2.0 * h * (a.q_dim + 2 * a.kv_dim)  # frozen q/k/v keep no weight copy
     head_trainable = work.method in ("full", "freeze")
+    head_w = work.trainable_weight_bytes if head_trainable else work.frozen_weight_bytes
+    fp32_head = work.autocast and head_w == 4
     shared = 2 * a.head_dim * r * n  # rotary cos and sin, shared by every layer
     if work.attn != "flash_attention_2":
         shared += work.micro_batch * work.seq_len**2  # the bool block-diagonal mask
     head_saved = 0.0
     if head_trainable:
-        head_saved = (2 if fp32_autocast else r) * h * n
-    if fp32_autocast:
+        x = max(head_w, r)  # the final norm's output (its weight trains with the head)
+        head_saved = (2 if work.autocast and x == 4 else x) * h * n
+    if fp32_head:
         head_saved += 2.0 * v * h  # lm_head's bf16 weight copy (cached, or kept for backward)
     base = shared + _norm(r, h, head_trainable) * n + head_saved
     logits = (2 if work.autocast else c) * v * n
@@ -181,7 +202,7 @@ def step_activations(work: Workload) -> StepActivations:
     # The end of forward holds the logits and accelerate's fp32 copy of them; DoRA's
     # weight rebuild peaks earlier, inside the last layer.
     fwd_extra = cache + max(logits + (4 * v * n if work.autocast else 0), dora_temp)
-    wgrad_temp = c * v * h if fp32_autocast and head_trainable else 0.0
+    wgrad_temp = c * v * h if fp32_head and head_trainable else 0.0
     return StepActivations(
         all_layers=all_layers - bottom,
         layer=ckpt_layer if top_is_ckpt else full_layer,

@@ -66,8 +66,8 @@ def model_states(work: Workload) -> ModelStates:
     """Weights, gradients and optimizer states on one GPU for the workload's layout."""
     a, world, stage = work.arch, work.world_size, work.zero_stage
     n_t = float(work.trainable_params)
-    train_b = work.adapter_bytes if work.adapters else work.base_weight_bytes
-    frozen = work.base_param_bytes() - (0.0 if work.adapters else n_t * train_b)
+    train_b = work.trainable_weight_bytes
+    frozen = work.base_param_bytes() - (0.0 if work.adapters else n_t * work.frozen_weight_bytes)
     params = frozen + n_t * train_b
     # Bytes of the layer an engine gathers (unsharded bf16 weights; NF4 stays packed),
     # plus its trainable parameters' gradients before they are reduced and resharded.

@@ -236,6 +236,26 @@ def _checkpointing(sections: tuple[Any, ...]) -> tuple[bool, int]:
     return False, 1
 
 
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _weight_dtype(model: Any, method: Any) -> str:
+    """model.dtype as the Workload spells it; for qlora with 'auto' the weights that are
+    not 4-bit load in method.quant.compute_dtype (bigft.model.load_dtype)."""
+    dtype = str(getattr(model, "dtype", "auto"))
+    if dtype == "auto" and _get(method, ("name",), None) == "qlora":
+        dtype = str(getattr(getattr(method, "quant", None), "compute_dtype", "auto"))
+    return _DTYPE_NAMES.get(dtype, "auto")
+
+
+def planned_gpu(cfg: Any) -> GPU | None:
+    """The catalogue GPU a config names in hardware.gpu (None when it names none)."""
+    from bigft.plan.hardware import get_gpu
+
+    name = getattr(getattr(cfg, "hardware", None), "gpu", None)
+    return get_gpu(name) if name else None
+
+
 def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     """A Workload from a bigft Config; keyword flags (not None) override it."""
     method = getattr(cfg, "method", None)
@@ -244,6 +264,7 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     model = getattr(cfg, "model", None)
     parallel = getattr(cfg, "parallel", None) or getattr(cfg, "distributed", None)
     slurm = getattr(cfg, "slurm", None)  # its nodes / gpus_per_node, when no parallel section
+    hardware = getattr(cfg, "hardware", None)  # the GPUs the config is written for
     targets = _get(lora, ("target_modules", "lora_targets", "targets"), LINEARS)
     if isinstance(targets, str):
         targets = LINEARS if targets in ("all-linear", "all_linear") else (targets,)
@@ -270,16 +291,20 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
         "grad_ckpt": ckpt,
         "ckpt_every": every,
         "precision": "bf16" if precision == "auto" else precision,
-        "weight_dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
-            str(getattr(model, "dtype", "auto")), "auto"
-        ),
+        "weight_dtype": _weight_dtype(model, method),
         "optimizer": str(getattr(getattr(cfg, "optim", None), "name", "adamw")),
         "attn": "sdpa" if attn == "auto" else attn,
         "gpus_per_node": int(
-            _get(parallel, ("gpus_per_node",), None) or getattr(slurm, "gpus_per_node", 0) or 1
+            _get(hardware, ("gpus_per_node",), None)
+            or _get(parallel, ("gpus_per_node",), None)
+            or getattr(slurm, "gpus_per_node", 0)
+            or 1
         ),
         "nodes": int(
-            _get(parallel, ("nodes", "num_nodes"), None) or getattr(slurm, "nodes", 1) or 1
+            _get(hardware, ("nodes",), None)
+            or _get(parallel, ("nodes", "num_nodes"), None)
+            or getattr(slurm, "nodes", 1)
+            or 1
         ),
     }
     micro = getattr(train, "micro_batch_size", 1)
@@ -358,3 +383,11 @@ def choose_micro_batch(
         work, gpu, global_batch=global_batch, grad_accum=getattr(cfg.train, "grad_accum", None)
     )
     return max(report.micro_batch, 1), report
+
+
+def plan_for_run(cfg: Any, world_size: int, grad_accum: int) -> PlanReport:
+    """The plan of a run as configured: its own micro-batch and accumulation, on the GPU
+    this process sees (or with no capacity when there is none)."""
+    work = workload_from_config(cfg, gpus_per_node=world_size, nodes=1)
+    gpu = detect_gpu(None) or GPU("no GPU", 0.0, 1.0, 1.0)
+    return make_plan(work, gpu, micro_given=True, grad_accum=grad_accum)

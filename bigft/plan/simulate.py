@@ -94,6 +94,12 @@ def _apply_method(model: Any, work: Workload, n_frozen: int) -> Any:
         model.get_input_embeddings().requires_grad_(not work.freeze_embeddings)
         for layer in model.model.layers[:n_frozen]:
             layer.requires_grad_(False)
+        # bigft.methods.apply_precision_layout: what trains keeps its own dtype (fp32
+        # master weights under autocast), the frozen rest stays in the load dtype.
+        dtype = torch.float32 if work.trainable_weight_bytes == 4 else torch.bfloat16
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
     return model
 
 
@@ -154,7 +160,7 @@ def simulate_depth(
     from bigft.evaluate import token_loss_sum
 
     spec = work.arch.with_layers(n_frozen + n_trainable)
-    dtype = torch.float32 if work.base_weight_bytes == 4 else torch.bfloat16
+    dtype = torch.float32 if work.frozen_weight_bytes == 4 else torch.bfloat16  # load dtype
     B, S = work.micro_batch, work.seq_len
     phases: dict[str, Snap] = {}
     model = _build(work, spec, dtype, n_frozen, fake)

@@ -3,12 +3,15 @@
 `Workload` is the single input of both estimators (analytic and simulated). The rules that
 turn user choices into dtypes live here, once, so both estimators agree on them:
 
-- full / freeze with `model.dtype: auto` keep fp32 master weights; with DDP (or one GPU)
-  the step runs under bf16 autocast, so the residual stream stays fp32 and every linear
-  casts its input. DeepSpeed ZeRO and FSDP2 compute on bf16 copies of the weights
-  (fp32 master weights live in the optimizer / the sharded parameters).
-- lora / dora keep a bf16 base and fp32 adapters (peft's default upcast); qlora stores the
-  base linears in NF4 with double quantization, the rest in bf16.
+- `model.dtype: auto` (bigft.model.load_dtype) loads what stays frozen in the compute
+  dtype under mixed precision and keeps what trains in fp32: full fine-tuning keeps fp32
+  master weights; freeze keeps its frozen layers in bf16 and its trainable ones in fp32;
+  lora / dora keep a bf16 base and fp32 adapters (peft's default upcast); qlora stores the
+  base linears in NF4 with double quantization and the rest in its compute dtype (bf16).
+  An explicit model.dtype sets every stored weight (adapters stay fp32).
+- With DDP (or one GPU) the step runs under bf16 autocast: fp32 weights get bf16 copies,
+  fp32 inputs are cast per linear. DeepSpeed ZeRO and FSDP2 compute on bf16 copies of
+  the weights (fp32 master weights live in the optimizer / the sharded parameters).
 """
 
 from __future__ import annotations
@@ -113,17 +116,44 @@ class Workload:
         return 2 if self.base_weight_bytes == 2 or self.autocast else 4
 
     @property
-    def base_weight_bytes(self) -> float:
-        """Bytes per stored weight (for qlora: per weight that is not quantized).
-
-        bigft loads `dtype: auto` in fp32; qlora's peft.prepare_model_for_kbit_training
-        casts every weight that is not 4-bit (embeddings, norms, lm_head) to fp32.
-        """
+    def frozen_weight_bytes(self) -> float:
+        """Bytes per stored frozen weight (qlora: per weight that is not 4-bit), as
+        bigft.model.load_dtype loads it: model.dtype when set; with 'auto' the compute
+        dtype for lora / dora / freeze under mixed precision and for qlora (its
+        compute_dtype, bf16 unless workload_from_config passes another), fp32 otherwise.
+        For full fine-tuning every weight trains: the same as `trainable_weight_bytes`."""
         if self.sharded_engine and self.precision != "fp32":
             return 2.0  # the engine's bf16 copy; its fp32 master is optimizer state
-        if self.weight_dtype != "auto" and self.method != "qlora":
+        if self.weight_dtype != "auto":
+            return DTYPE_BYTES[self.weight_dtype]
+        if self.method == "qlora":
+            return 2.0
+        if self.method != "full" and self.precision != "fp32":
+            return DTYPE_BYTES[self.precision]
+        return 4.0
+
+    @property
+    def trainable_weight_bytes(self) -> float:
+        """Bytes per trainable weight held by the module: the adapters' (`adapter_bytes`);
+        for full / freeze fp32 master weights with 'auto' under autocast, the engine's bf16
+        copy under DeepSpeed / FSDP2 mixed precision, else model.dtype."""
+        if self.adapters:
+            return self.adapter_bytes
+        if self.sharded_engine and self.precision != "fp32":
+            return 2.0
+        if self.weight_dtype != "auto":
             return DTYPE_BYTES[self.weight_dtype]
         return 4.0
+
+    @property
+    def base_weight_bytes(self) -> float:
+        """Bytes of the weights the layers compute with: the frozen base under adapters;
+        for full / freeze the trainable weights (their layers set the activations)."""
+        return self.frozen_weight_bytes if self.adapters else self.trainable_weight_bytes
+
+    @property
+    def embeddings_train(self) -> bool:
+        return self.method == "full" or (self.method == "freeze" and not self.freeze_embeddings)
 
     @property
     def autocast(self) -> bool:
@@ -138,7 +168,10 @@ class Workload:
 
     @property
     def residual_bytes(self) -> int:
-        return 4 if self.base_weight_bytes == 4 else self.compute_bytes
+        """The residual stream's dtype: the embeddings' output dtype (adding bf16 linear
+        outputs to an fp32 stream keeps it fp32), else the compute dtype."""
+        embed = self.trainable_weight_bytes if self.embeddings_train else self.frozen_weight_bytes
+        return 4 if embed == 4 else self.compute_bytes
 
     # ---- parameter counts ---------------------------------------------------------------
     @property
@@ -184,12 +217,13 @@ class Workload:
         return a.n_params
 
     def base_param_bytes(self) -> float:
-        """Stored bytes of the base model on one GPU before any sharding."""
+        """Stored bytes of the base model on one GPU before any sharding, every weight
+        counted as frozen (`memory.model_states` re-prices the trainable ones)."""
         a = self.arch
         if self.method != "qlora":
-            return a.n_params * self.base_weight_bytes
+            return a.n_params * self.frozen_weight_bytes
         quantized = a.layers * a.layer_linear_params
-        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * self.base_weight_bytes
+        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * self.frozen_weight_bytes
 
 
 # NF4 with double quantization (QLoRA paper, section 3): 4 bits per weight, an 8-bit

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from bigft.tracking import read_metrics
@@ -53,11 +54,33 @@ def run_config(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     root = tmp_path_factory.mktemp("dist")
     data = write_jsonl(root / "train.jsonl", alpaca_rows(96))
     # constant lr: a 3-step run followed by a resumed 6-step run sees the same schedule
-    return write_config(root / "cfg.yaml", tiny_base, data, train={"steps": 6})
+    return write_config(
+        root / "cfg.yaml", tiny_base, data, train={"steps": 6}, optim={"weight_decay": 0.1}
+    )
+
+
+@pytest.fixture(scope="module")
+def expected_groups(tiny_base: Path) -> list[dict]:
+    """The optimizer groups every engine must report for the tiny model: its matrices
+    (>= 2-D weights other than norms) decayed at the configured 0.1, the rest not, with
+    whole-model counts (not one process's shard) and the configured lr."""
+    from transformers import AutoModelForCausalLM
+
+    named = dict(AutoModelForCausalLM.from_pretrained(tiny_base).named_parameters())
+    matrices = [n for n, p in named.items() if p.dim() >= 2 and "norm" not in n]
+    decay = sum(named[n].numel() for n in matrices)
+    assert decay > 0 and len(matrices) == 2 * 7 + 2  # 7 per layer, embeddings, head
+    rest = sum(p.numel() for p in named.values()) - decay
+    return [
+        {"name": "decay", "params": decay, "lr": 3e-3, "weight_decay": 0.1},
+        {"name": "no_decay", "params": rest, "lr": 3e-3, "weight_decay": 0.0},
+    ]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp2"])
-def test_engine_trains_shards_exports_and_resumes(strategy: str, run_config: Path) -> None:
+def test_engine_trains_shards_exports_and_resumes(
+    strategy: str, run_config: Path, expected_groups: list[dict]
+) -> None:
     root = run_config.parent / strategy
     straight = launch(
         run_config, f"parallel.strategy={strategy}", f"output_dir={root / 'straight'}"
@@ -65,6 +88,10 @@ def test_engine_trains_shards_exports_and_resumes(strategy: str, run_config: Pat
     assert straight["world_size"] == 2
     for key, value in EXPECTED[strategy].items():
         assert straight["engine"][key] == value, (key, straight["engine"])
+    # the same decay groups and whole-model counts under every engine (ZeRO-3 builds the
+    # optimizer over empty 1-D partitions, FSDP2 steps DTensor shards)
+    assert straight["engine"]["optimizer"]["class"] == "AdamW"
+    assert straight["engine"]["optimizer"]["groups"] == expected_groups
     ranks = straight["weights_sha256_per_rank"]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
 
@@ -234,7 +261,10 @@ def test_weights_missing_from_checkpoint_are_initialized_on_every_rank(
     assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"  # restored
 
 
-def test_zero2_with_optimizer_offload(run_config: Path) -> None:
+def test_zero2_with_optimizer_offload(run_config: Path, expected_groups: list[dict]) -> None:
+    """ZeRO-Offload steps with DeepSpeed's CPU Adam (compiled on first use, then cached
+    in ~/.cache/torch_extensions), over the same groups as DDP, with each process's share
+    of the cores."""
     out = run_config.parent / "zero2-offload"
     summary = launch(
         run_config,
@@ -245,18 +275,46 @@ def test_zero2_with_optimizer_offload(run_config: Path) -> None:
     assert summary["world_size"] == 2
     for key, value in EXPECTED["zero2"].items():
         assert summary["engine"][key] == value
+    optimizer = summary["engine"]["optimizer"]
+    assert optimizer["class"] == "DeepSpeedCPUAdam", optimizer
+    assert optimizer["wrapped_by"][-1] == "DeepSpeedZeroOptimizer", optimizer
+    assert optimizer["groups"] == expected_groups
+    # OMP_NUM_THREADS=1 comes from the launcher, so each process takes half the cores
+    assert summary["engine"]["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     ranks = summary["weights_sha256_per_rank"]
     assert ranks[0] == ranks[1]
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert losses[-1] < losses[0]
 
 
-def test_resume_on_other_world_size(run_config: Path, tmp_path: Path) -> None:
-    """DDP checkpoints resume on 1 process; sharded ones refuse with a conversion hint."""
-    out = tmp_path / "ddp"
-    launch(run_config, f"output_dir={out}", "train.steps=3", "checkpoint.every_steps=3")
-    summary = launch(run_config, f"output_dir={out}", nproc=1)
+def test_resume_on_other_world_size(
+    run_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DDP checkpoints resume on 1 process at the exact next row: every row of the epoch's
+    order is seen once, none replayed or skipped, though a step's rows now come from one
+    process instead of two."""
+    out, seen = tmp_path / "ddp", tmp_path / "seen"
+    seen.mkdir()
+    monkeypatch.setenv("BIGFT_TEST_SEEN_ROWS", str(seen))
+    # 4 rows per step on either world size: 2 processes x 2, or 1 process x 2 x accum 2
+    gbs = ["train.global_batch_size=4", "checkpoint.every_steps=3"]
+    launch(run_config, f"output_dir={out}", "train.steps=3", *gbs)
+    first = _positions(seen)
+    assert sorted(first) == list(range(12))  # 3 steps x 4 rows over both ranks
+    summary = launch(run_config, f"output_dir={out}", *gbs, nproc=1)
     assert summary["steps"] == 6 and summary["world_size"] == 1
+    assert sorted(_positions(seen)) == list(range(24))  # rows 12..23 next, once each
+
+
+def _positions(folder: Path) -> list[int]:
+    """Positions in epoch 0's row order handed out so far, over every rank's record."""
+    found = []
+    for file in sorted(folder.glob("rows-rank*.jsonl")):
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            assert record["epoch"] == 0
+            found += record["positions"]
+    return found
 
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
@@ -283,7 +341,9 @@ def accelerate_launch(file: str, nproc: int, *args: str) -> subprocess.Completed
 @pytest.mark.parametrize(
     ("file", "strategy"), [("ddp", "ddp"), ("zero3-offload", "zero3"), ("fsdp2", "fsdp2")]
 )
-def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Path) -> None:
+def test_accelerate_launch_config_files(
+    file: str, strategy: str, run_config: Path, expected_groups: list[dict]
+) -> None:
     """The shipped accelerate configs select the engine; bigft's YAML leaves it unset."""
     out = run_config.parent / f"accelerate-{file}"
     proc = accelerate_launch(file, 2, str(run_config), f"output_dir={out}", "train.steps=2")
@@ -294,9 +354,11 @@ def test_accelerate_launch_config_files(file: str, strategy: str, run_config: Pa
         assert summary["engine"][key] == value, (key, summary["engine"])
     ranks = summary["weights_sha256_per_rank"]
     assert ranks[0] == ranks[1]
+    assert summary["engine"]["optimizer"]["groups"] == expected_groups
     if file == "zero3-offload":
         resolved = (out / "config.yaml").read_text()
         assert "offload_optimizer: true" in resolved and "offload_params: true" in resolved
+        assert summary["engine"]["optimizer"]["class"] == "DeepSpeedCPUAdam"
 
 
 def test_launcher_and_config_disagree(run_config: Path, tmp_path: Path) -> None:
@@ -362,8 +424,55 @@ def test_bf16_under_sharded_engines(run_config: Path) -> None:
         )
         for key, value in EXPECTED[strategy].items():
             assert summary["engine"][key] == value
+        if strategy == "fsdp2":
+            # what the running fully_shard units hold: bf16 compute, fp32 reduction (and
+            # accumulation over micro-batches), not accelerate's bf16 default
+            assert summary["engine"]["fsdp_param_dtype"] == "bfloat16", summary["engine"]
+            assert summary["engine"]["fsdp_reduce_dtype"] == "float32", summary["engine"]
         ranks = summary["weights_sha256_per_rank"]
         assert ranks[0] == ranks[1]
         losses[strategy] = summary["validation"]["eval_loss"]
         assert (out / "config.yaml").read_text().count("precision: bf16") == 1
     assert abs(losses["zero3"] - losses["fsdp2"]) < 0.02, losses
+
+
+@pytest.fixture(scope="module")
+def distill_config(run_config: Path) -> Path:
+    """The run config distilling from a teacher: the base with its weights perturbed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = yaml.safe_load(run_config.read_text())["model"]["name_or_path"]
+    teacher_dir = run_config.parent / "teacher"
+    teacher = AutoModelForCausalLM.from_pretrained(base)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=noise))
+    teacher.save_pretrained(teacher_dir)
+    AutoTokenizer.from_pretrained(base).save_pretrained(teacher_dir)
+    config = yaml.safe_load(run_config.read_text())
+    config["distill"] = {"teacher": str(teacher_dir), "weight": 1.0}
+    config["train"]["log_every"] = 1
+    path = run_config.parent / "distill.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_distillation_under_sharded_engines(distill_config: Path) -> None:
+    """ZeRO-3 and FSDP2 shard the teacher like the student, and both distil the same way:
+    the loss is the student-teacher KL (far below the ~4.6 nats of next-token loss a
+    missing teacher would show), equal step for step on both engines, and it falls."""
+    losses = {}
+    for strategy in ("zero3", "fsdp2"):
+        out = distill_config.parent / f"distill-{strategy}"
+        summary = launch(distill_config, f"parallel.strategy={strategy}", f"output_dir={out}")
+        assert summary["engine"]["param_fraction_local"] == 0.5
+        # sharded: about half per process (ZeRO-3 keeps tensors under its persistence
+        # threshold whole on every process)
+        assert summary["engine"]["teacher_param_fraction_local"] < 0.6
+        ranks = summary["weights_sha256_per_rank"]
+        assert len(ranks) == 2 and ranks[0] == ranks[1]
+        losses[strategy] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert losses["zero3"] == pytest.approx(losses["fsdp2"], rel=1e-4)
+    kl = losses["zero3"]
+    assert kl[0] < 0.5 and kl[-1] < 0.5 * kl[0], kl

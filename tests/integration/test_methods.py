@@ -207,3 +207,90 @@ def test_qlora_resume_reproduces_uninterrupted_run(tiny_base, data_file, tmp_pat
     assert straight.keys() == resumed.keys() and straight
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def _dtypes(model: Any) -> dict[str, set[torch.dtype]]:
+    """Parameter dtypes of a (peft-wrapped) model: trainable, frozen, and the frozen ones
+    bitsandbytes stores packed (4-bit)."""
+    out: dict[str, set[torch.dtype]] = {"trainable": set(), "frozen": set(), "4bit": set()}
+    for p in model.parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        out["4bit" if type(p).__name__ == "Params4bit" else kind].add(p.dtype)
+    return out
+
+
+BF16 = ["train.precision=bf16", "checkpoint.export=true"]
+
+
+@pytest.fixture
+def fresh_accelerator() -> Any:
+    """Accelerate keeps one process-wide state, whose mixed precision cannot change: a bf16
+    run among fp32 ones needs it reset before and after (as accelerate's own tests do)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_bf16_run_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(
+    method, tiny_base, data_file, tmp_path, fresh_accelerator
+) -> None:
+    """model.dtype auto under mixed bf16: frozen weights in bf16 (half the memory),
+    what trains in fp32 (LoRA adapters; freeze's layers as master weights)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tiny_base, data_file, tmp_path, [*METHODS[method], *BF16])
+    assert cfg.model.dtype == "auto"
+    run = setup(cfg)
+    dtypes = _dtypes(run.accelerator.unwrap_model(run.model))
+    assert dtypes["frozen"] == {torch.bfloat16} and dtypes["trainable"] == {torch.float32}
+    summary = train(run)
+    first = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["validation"]["eval_loss"] < first["eval_loss"] - MARGIN[method]
+    final = Path(cfg.output_dir) / "final"
+    if method == "lora":
+        base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+        adapter = PeftModel.from_pretrained(base, str(final))
+        assert torch.isfinite(_logits(adapter)).all()
+    else:
+        exported = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+        assert torch.isfinite(_logits(exported)).all()
+
+
+def test_explicit_float32_dtype_overrides_auto(
+    tiny_base, data_file, tmp_path, fresh_accelerator
+) -> None:
+    cfg = _cfg(tiny_base, data_file, tmp_path, [*METHODS["lora"], *BF16, "model.dtype=float32"])
+    run = setup(cfg)
+    dtypes = _dtypes(run.accelerator.unwrap_model(run.model))
+    assert dtypes["frozen"] == {torch.float32} and dtypes["trainable"] == {torch.float32}
+
+
+def test_qlora_keeps_embeddings_head_and_norms_in_compute_dtype(
+    tiny_base, data_file, tmp_path, fresh_accelerator
+) -> None:
+    """Not peft's prepare_model_for_kbit_training upcast: weights that are not 4-bit stay in
+    the bf16 compute dtype; the linears are 4-bit; only the fp32 adapters train."""
+    from bitsandbytes.nn import Linear4bit
+
+    overrides = [o for o in METHODS["qlora"] if "compute_dtype" not in o]
+    cfg = _cfg(tiny_base, data_file, tmp_path, [*overrides, "train.precision=bf16"])
+    assert cfg.method.quant.compute_dtype == "bfloat16"
+    run = setup(cfg)
+    model = run.accelerator.unwrap_model(run.model)
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.bfloat16
+    four_bit = [m for m in base.modules() if isinstance(m, Linear4bit)]
+    assert len(four_bit) == 7 * base.config.num_hidden_layers
+    assert all(m.weight.dtype == torch.uint8 and m.weight.numel() for m in four_bit)
+    dtypes = _dtypes(model)
+    assert dtypes["frozen"] == {torch.bfloat16} and dtypes["4bit"] == {torch.uint8}
+    assert dtypes["trainable"] == {torch.float32}
+    summary = train(run)
+    first = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["validation"]["eval_loss"] < first["eval_loss"] - MARGIN["qlora"]

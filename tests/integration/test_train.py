@@ -108,8 +108,11 @@ def test_accumulation_equals_one_big_batch(tiny_base, data_file, tmp_path) -> No
     assert small["targets"] == big["targets"]
     assert small["loss"] == pytest.approx(big["loss"], rel=1e-6)
     assert small["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
+    # One Adam step moves each weight by about lr x g / (|g| + eps): for the rare element
+    # whose gradient is near eps, summation-order noise in g shows at ~1e-6; a real
+    # accumulation error would move weights by up to 2 x lr (6e-3).
     for name in w_big:
-        torch.testing.assert_close(w_small[name], w_big[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w_small[name], w_big[name], rtol=1e-5, atol=1e-5)
 
 
 def test_cli_train_subprocess(tiny_base, data_file, tmp_path) -> None:

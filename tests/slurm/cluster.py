@@ -6,6 +6,11 @@ that slurmctld sees as two nodes. Settings follow what was verified on these mac
 cores, accounting off. munge runs with its own key and socket inside the cluster
 directory, so nothing under /etc or /run is touched.
 
+Nodes may declare more CPUs than the host has (`SlurmdParameters=config_overrides`), and
+GPUs that are not there: gres/gpu devices backed by character devices such as /dev/null.
+Slurm then allocates, counts and reports them (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES)
+as on a GPU cluster, so GPU requests can be checked without GPUs.
+
 By hand::
 
     python -m tests.slurm.cluster /tmp/cluster     # starts, prints SLURM_CONF, waits
@@ -24,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+# Stand-ins for GPU device files: slurmd only needs distinct character devices.
+FAKE_GPU_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
 
 
 def missing_daemons() -> list[str]:
@@ -79,7 +86,7 @@ class Cluster:
             timeout=60,
         )
 
-    def write_config(self, cpus: int) -> None:
+    def write_config(self, cpus: int, gpus: int = 0) -> None:
         host = socket.gethostname().split(".")[0]
         # The first node carries the real host name (slurmd and torchrun's rendezvous both
         # resolve node names); the second must resolve too: "localhost" always does.
@@ -129,17 +136,28 @@ class Cluster:
             "MinJobAge=600",
             "InactiveLimit=0",
         ]
+        gres = ""
+        if gpus:
+            if gpus > len(FAKE_GPU_DEVICES):
+                raise ValueError(f"at most {len(FAKE_GPU_DEVICES)} fake GPUs per node")
+            lines.append("GresTypes=gpu")
+            gres = f" Gres=gpu:{gpus}"
+            devices = [f"Name=gpu File={dev}" for dev in FAKE_GPU_DEVICES[:gpus]]
+            (r / "gres.conf").write_text("\n".join(["AutoDetect=off", *devices]) + "\n")
         for name, port in zip(self.nodes, slurmd_ports, strict=True):
             lines.append(
                 f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-                f"CPUs={cpus} RealMemory=4000 State=UNKNOWN"
+                f"CPUs={cpus} RealMemory=4000{gres} State=UNKNOWN"
             )
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def start(self, cpus: int = 1, timeout: float = 60.0) -> None:
-        """Write the config, start munged, slurmctld and one slurmd per node; wait idle."""
-        self.write_config(cpus)
+    def start(self, cpus: int = 1, gpus: int = 0, timeout: float = 60.0) -> None:
+        """Write the config, start munged, slurmctld and one slurmd per node; wait idle.
+
+        `cpus` and `gpus` are what each node declares (gres.conf sits beside slurm.conf).
+        """
+        self.write_config(cpus, gpus)
         r = self.root
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))

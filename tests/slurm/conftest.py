@@ -15,7 +15,10 @@ from tests.slurm.cluster import Cluster, missing_daemons
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[Cluster]:
-    """munged + slurmctld + two slurmd (two nodes, one CPU each) on this machine.
+    """munged + slurmctld + two slurmd (two nodes) on this machine.
+
+    Each node declares 8 CPUs and one (fake) GPU, so a job can ask for what a GPU job asks
+    for; what really runs is the tests' CPU training, one process per node.
 
     Skipped, with the reason, when Slurm is not installed or we are not root (slurmd
     must start jobs as their user). SLURM_CONF points every client at it meanwhile.
@@ -33,7 +36,7 @@ def slurm_cluster() -> Iterator[Cluster]:
     cluster = Cluster(root)
     old = os.environ.get("SLURM_CONF")
     try:
-        cluster.start()
+        cluster.start(cpus=8, gpus=1)
     except Exception:
         cluster.stop()
         raise

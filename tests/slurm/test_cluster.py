@@ -162,3 +162,25 @@ def test_render_check_asks_the_cluster(slurm_cluster: Cluster, job_config: Path)
     assert "Traceback" not in done.stderr
     fits = bigft("slurm", "render", job_config, "--nodes", "2", "--check", f"output_dir={out}")
     assert "to start at" in fits.stderr
+
+
+def test_failed_job_is_reported_failed(slurm_cluster: Cluster, job_config: Path) -> None:
+    """A GPU job with the default CPU request, whose training process exits with status 1."""
+    out = job_config.parent / "fails"
+    job_id = bigft(
+        "slurm", "submit", job_config, "--nodes", "2", "--gpus-per-node", "1",
+        "slurm.python=/bin/false", f"output_dir={out}",
+    ).stdout.strip()  # fmt: skip
+    script = (out / "slurm" / "job.sbatch").read_text()
+    # One rank per node (processes_per_node: 1) x the default 8 CPUs per GPU.
+    assert "#SBATCH --cpus-per-task=8\n" in script
+    [record] = wait_for_job(slurm_cluster, job_id)
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "1:0"
+    assert record["NumCPUs"] == "16" and record["TRES"].startswith("cpu=16,")
+    log = (out / "slurm" / f"job-{job_id}.out").read_text()
+    assert "training step exited with status 1" in log
+    done = bigft("slurm", "status", out, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"job {job_id}: state=FAILED" in done.stdout
+    assert "training: step 0 (failed: job FAILED, exit code 1:0)" in done.stdout
+    assert "in progress" not in done.stdout

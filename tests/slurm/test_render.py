@@ -1,4 +1,5 @@
-"""Rendering without a cluster: quoting fuzz, node rank at run time, sweeps, requeue rules.
+"""Rendering without a cluster: quoting fuzz, node rank at run time, sweeps, requeue rules,
+CPU requests, the files a job carries, and the repository's copies of the shipped files.
 
 The batch script and the node script are executed by bash with stub `srun`, `scontrol`,
 `scancel` and `python` programs that record what they were given, so these tests see what
@@ -21,7 +22,8 @@ from bigft import slurm
 from bigft.config import load_config
 from bigft.errors import ConfigError
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "slurm" / "examples"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "slurm" / "examples"
 EXAMPLE_CONFIG = EXAMPLES / "llama3-8b-2x8xh100.yaml"
 EXAMPLE_SCRIPT = EXAMPLES / "llama3-8b-2x8xh100.sbatch"
 
@@ -210,7 +212,6 @@ def render_example() -> str:
         config=str(job_dir / "config.yaml"),
         node_script=str(job_dir / "node.sh"),
         log_path=f"{job_dir}/job-%j.out",
-        config_dir=EXAMPLES,
     )
 
 
@@ -287,11 +288,97 @@ def test_after_stop_requeues_once_per_job(tmp_path: Path, monkeypatch) -> None:
     assert [c["argv"] for c in calls] == [["requeue", "42"]]
 
 
+@pytest.mark.parametrize(
+    ("section", "cpus"),
+    [
+        ({"gpus_per_node": 8}, 64),  # 8 ranks x cpus_per_gpu 8
+        ({"gpus_per_node": 4, "cpus_per_gpu": 12}, 48),
+        ({"gpus_per_node": 8, "processes_per_node": 2}, 16),
+        ({"gpus_per_node": 8, "cpus_per_task": 20}, 20),  # the user's value wins
+        ({"processes_per_node": 3}, 3),  # CPU ranks: one core each
+        ({"processes_per_node": 3, "cpus_per_task": 1}, 1),
+        ({}, None),  # nothing known about the node: Slurm's default
+    ],
+)
+def test_cpus_per_task_covers_every_rank_of_the_node(
+    tmp_path: Path, section: dict, cpus: int | None
+) -> None:
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", section, tmp_path / "run")
+    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    text = script.read_text()
+    requested = [line for line in text.splitlines() if "#SBATCH --cpus-per-task" in line]
+    assert requested == ([f"#SBATCH --cpus-per-task={cpus}"] if cpus else [])
+    # srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): it is passed on.
+    assert ('--cpus-per-task="$SLURM_CPUS_PER_TASK"' in text) == bool(cpus)
+    # The frozen config keeps what the user wrote; the derived value lives in the script.
+    frozen = load_config(script.parent / "config.yaml").slurm
+    assert frozen.cpus_per_task == section.get("cpus_per_task")
+
+
+@pytest.mark.parametrize("value", ["zero3", "zero3.yaml", "launch/accelerate/zero3.yaml"])
+def test_shipped_accelerate_config_travels_with_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # not the checkout: no launch/ folder here
+    section = {"launcher": "accelerate", "accelerate_config": value}
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", section, tmp_path / "run")
+    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    copy = script.parent / "accelerate.yaml"
+    assert f"export BIGFT_ACCELERATE_CONFIG={copy}\n" in script.read_text()
+    assert copy.read_bytes() == (REPO / "launch" / "accelerate" / "zero3.yaml").read_bytes()
+
+
+def test_own_accelerate_config_is_frozen_with_the_job(tmp_path: Path) -> None:
+    own = tmp_path / "configs" / "my accelerate.yaml"
+    own.parent.mkdir()
+    own.write_text("distributed_type: MULTI_GPU\n")
+    section = {"launcher": "accelerate", "accelerate_config": "my accelerate.yaml"}
+    cfg_path = write_yaml(own.parent / "cfg.yaml", section, tmp_path / "run")
+    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    own.write_text("edited after rendering\n")  # a queued job keeps what was rendered
+    assert (script.parent / "accelerate.yaml").read_text() == "distributed_type: MULTI_GPU\n"
+    section["accelerate_config"] = "missing.yaml"
+    cfg_path = write_yaml(own.parent / "cfg.yaml", section, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"missing\.yaml.*zero3"):
+        slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+
+
+def shipped_files() -> dict[Path, bytes]:
+    """The files bigft installs with itself (bigft/templates/), by path under that folder."""
+    root = REPO / "bigft" / "templates"
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_repository_copies_are_the_shipped_files() -> None:
+    """slurm/job.sbatch.j2, launch/slurm_node.sh and launch/accelerate/*.yaml are copies of
+    what bigft ships in bigft/templates/ (what it really uses), byte for byte."""
+    shipped = shipped_files()
+    assert {Path("slurm/job.sbatch.j2"), Path("launch/slurm_node.sh")} <= set(shipped)
+    copies = {
+        p.relative_to(REPO)
+        for folder in ("slurm", "launch")
+        for p in (REPO / folder).rglob("*")
+        if p.is_file() and p.name != "README.md" and "examples" not in p.parts
+    }
+    assert copies == set(shipped)
+    stale = sorted(
+        str(path) for path, data in shipped.items() if (REPO / path).read_bytes() != data
+    )
+    assert not stale, (
+        f"{stale} differ from bigft/templates/: edit the files in bigft/templates/, then "
+        "copy them with: python -m tests.slurm.test_render"
+    )
+
+
 def test_cli_help_stays_light() -> None:
     code = "import sys, bigft.cli; assert not {'torch', 'jinja2'} & set(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 if __name__ == "__main__":
+    for path, data in shipped_files().items():
+        (REPO / path).parent.mkdir(parents=True, exist_ok=True)
+        (REPO / path).write_bytes(data)
+        print(f"copied bigft/templates/{path} to {path}")
     EXAMPLE_SCRIPT.write_text(render_example())
     print(f"wrote {EXAMPLE_SCRIPT}")

@@ -1,12 +1,17 @@
-"""Checkpoint discovery and the resume compatibility rules (no training)."""
+"""Checkpoint discovery, the resume compatibility rules and what a checkpoint must hold
+of a model with a frozen base (no training)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 
+from bigft import checkpoint as ckpt
 from bigft.checkpoint import STATE_FILE, check_compatible, latest_checkpoint, resolve_resume
 from bigft.errors import BigftError
 
@@ -51,6 +56,88 @@ def test_sharded_checkpoint_on_other_world_size_is_refused(
         check_compatible(path, strategy, 1)
 
 
+def test_sharded_adapter_checkpoint_on_other_world_size_needs_its_world_size(
+    tmp_path: Path,
+) -> None:
+    path = fake_checkpoint(tmp_path, 5, "zero3", world=2)
+    (path / ckpt.BASE_FILE).write_text("{}")  # trained tensors only: no converter helps
+    with pytest.raises(BigftError, match=r"resume on 2 process\(es\) \(it holds only the"):
+        check_compatible(path, "zero3", 1)
+
+
 def test_strategy_change_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BigftError, match="written with parallel.strategy=zero2"):
         check_compatible(fake_checkpoint(tmp_path, 5, "zero2"), "fsdp2", 2)
+
+
+# ---------------------------------------------------------------------------------------
+# What a checkpoint must hold of a model with a frozen base (no training here).
+
+
+class Adapted(torch.nn.Module):
+    """A frozen base layer, a trainable adapter whose weight a head shares (tied), and a
+    persistent buffer."""
+
+    name_or_path = "base-a"
+
+    def __init__(self, width: int = 2) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(2, width).requires_grad_(False)
+        self.adapter = torch.nn.Linear(2, 2)
+        self.head = torch.nn.Linear(2, 2, bias=False)
+        self.head.weight = self.adapter.weight
+        self.register_buffer("running", torch.zeros(2))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+
+def test_trainable_state_leaves_frozen_weights_out() -> None:
+    model = Adapted()
+    state = ckpt._trainable_only(model, model.state_dict())
+    assert set(state) == {"adapter.weight", "adapter.bias", "head.weight", "running"}
+
+
+def test_keys_load_strictly_but_ignore_a_saved_frozen_base(tmp_path: Path) -> None:
+    model = Adapted()
+    # one name of the tied pair is enough (safetensors keeps one); old checkpoints that
+    # still hold the frozen base load their trained tensors only
+    found = {"adapter.weight", "adapter.bias", "running", "base.weight", "base.bias"}
+    assert ckpt._check_keys(tmp_path, model, found) == {"adapter.weight", "adapter.bias", "running"}
+
+    with pytest.raises(BigftError, match=r"lacks 2 trained tensor\(s\): adapter.bias, running\)"):
+        ckpt._check_keys(tmp_path, model, {"head.weight"})
+    with pytest.raises(BigftError, match=r"holds 1 the model lacks: lora_X\);.*train.resume=never"):
+        ckpt._check_keys(tmp_path, model, {*found, "lora_X"})
+    shapes = {"adapter.weight": [4, 2], "adapter.bias": [2], "running": [2]}
+    with pytest.raises(BigftError, match=r"1 differ in shape: adapter.weight \[4, 2\] \(model"):
+        ckpt._check_keys(tmp_path, model, shapes, shapes)
+    assert ckpt._plain(model, "module.adapter.bias") == "adapter.bias"
+
+
+def test_resume_onto_another_base_is_refused(tmp_path: Path) -> None:
+    def accelerator(model: torch.nn.Module) -> Any:
+        return SimpleNamespace(_models=[model], unwrap_model=lambda m: m)
+
+    (tmp_path / ckpt.BASE_FILE).write_text(
+        json.dumps(ckpt._base_fingerprint(accelerator(Adapted())))
+    )
+    ckpt._check_base(accelerator(Adapted()), tmp_path)
+    with pytest.raises(BigftError, match="frozen tensors differ in names, shapes or dtypes"):
+        ckpt._check_base(accelerator(Adapted(width=3)), tmp_path)
+    other = Adapted()
+    other.name_or_path = "base-b"
+    with pytest.raises(
+        BigftError, match="trained on the base 'base-a' but this run loads 'base-b'"
+    ):
+        ckpt._check_base(accelerator(other), tmp_path)
+
+
+def test_disk_check_counts_the_trained_weights_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Adapted()
+    monkeypatch.setattr(ckpt, "disk_free", lambda path: 10)
+    # adapter 6 fp32 weights (24 B) + Adam 48 B; the frozen base (24 B) is not saved
+    with pytest.raises(
+        BigftError, match=r"weights 24.0 B \+ optimizer state 48.0 B\) need about 72"
+    ):
+        ckpt.check_disk_space(tmp_path, model, "adamw", export=False)

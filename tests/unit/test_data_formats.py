@@ -146,10 +146,10 @@ def test_tokenizer_template_is_used_and_config_template_overrides_it(tokenizer: 
 
     override = "{% for m in messages %}{{ m['content'] }};{% endfor %}"
     ids, labels = Formatter(FormatSpec("chat", chat_template=override), own)(row)
-    # The turn's text is "yo;" (content + end-of-turn marker); this template has no eos,
-    # so one is appended to the turn: the model must learn to stop.
-    assert decode(own, ids) == "<s>hi;yo;</s>"
-    assert target_runs(ids, labels, own) == ["yo;</s>"]
+    # The turn's text is "yo;": no special token closes it, so its textual marker ";" is
+    # the end of turn. Nothing the template does not render (an eos) is added.
+    assert decode(own, ids) == "<s>hi;yo;"
+    assert target_runs(ids, labels, own) == ["yo;"]
 
 
 def test_template_that_rewrites_history_falls_back_to_locating_content(tokenizer: Any) -> None:

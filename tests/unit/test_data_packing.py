@@ -174,12 +174,57 @@ def test_loader_resumes_with_the_exact_next_batch() -> None:
     stream = iter(first)
     take(stream, 7)  # crosses an epoch boundary (5 batches per epoch)
     state = first.state_dict()
-    assert state == {"epoch": 1, "batch_index": 2}
+    assert state == {"epoch": 1, "position": 8}  # 2 global batches of 2 x 2 rows
     expected = take(stream, 6)
 
     resumed = ShardedLoader(data, 2, 1, 2, seed=3, shuffle=True, collate=ids)
     resumed.load_state_dict(state)
     assert take(iter(resumed), 6) == expected
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)])
+def test_loader_resumes_at_the_same_row_on_another_world_size(before: int, after: int) -> None:
+    """The position is saved in rows: a resumed loader on a different number of processes
+    neither replays nor skips a row, even across an epoch boundary."""
+    data = [{"i": i} for i in range(40)]
+    micro = 2
+
+    def loaders(world: int) -> list[ShardedLoader]:
+        return [
+            ShardedLoader(data, micro, r, world, seed=5, shuffle=True, collate=ids)
+            for r in range(world)
+        ]
+
+    def rows_of_steps(group: list[ShardedLoader], steps: int, rows_per_step: int) -> list[int]:
+        streams = [iter(loader) for loader in group]
+        seen: list[int] = []
+        while len(seen) < steps * rows_per_step:
+            for stream in streams:
+                seen += next(stream)
+        return seen
+
+    per_step = 8  # global batch of every step, in rows: the accumulation adapts to the world
+    reference = rows_of_steps(loaders(1), 9, per_step)  # 9 steps = 72 rows, into epoch 1
+
+    first = loaders(before)
+    seen = rows_of_steps(first, 3, per_step)
+    state = first[0].state_dict()
+    assert state == {"epoch": 0, "position": 24}
+    second = loaders(after)
+    for loader in second:
+        loader.load_state_dict(state)
+    seen += rows_of_steps(second, 6, per_step)
+    for step in range(9):  # each step sees the same rows as the uninterrupted run
+        window = slice(step * per_step, (step + 1) * per_step)
+        assert sorted(seen[window]) == sorted(reference[window]), step
+
+
+def test_loader_reads_batch_counted_state() -> None:
+    """Checkpoints written before positions were kept in rows resume where they were."""
+    data = [{"i": i} for i in range(23)]
+    loader = ShardedLoader(data, 2, 0, 2, seed=3, shuffle=True, collate=ids)
+    loader.load_state_dict({"epoch": 1, "batch_index": 2})
+    assert loader.state_dict() == {"epoch": 1, "position": 8}
 
 
 def test_loader_eval_epoch_and_wraparound() -> None:

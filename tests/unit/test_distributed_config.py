@@ -6,9 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bigft.config import ParallelConfig, TrainConfig
-from bigft.distributed import BatchLayout, batch_layout, check_fsdp_layers, deepspeed_config
+from bigft.distributed import (
+    BatchLayout,
+    batch_layout,
+    check_fsdp_layers,
+    deepspeed_config,
+    fsdp_plugin,
+    offload_threads,
+    offloads_optimizer_step,
+)
 from bigft.errors import ConfigError
 
 
@@ -107,3 +116,39 @@ def test_fsdp_unknown_layer_class(tiny_base: Path) -> None:
     check_fsdp_layers(model, ParallelConfig(strategy="fsdp2"))  # default: LlamaDecoderLayer
     with pytest.raises(ConfigError, match="GPTBlock not found.*LlamaDecoderLayer"):
         check_fsdp_layers(model, ParallelConfig(strategy="fsdp2", fsdp_layer_cls=["GPTBlock"]))
+
+
+@pytest.mark.parametrize(
+    ("precision", "reduce", "expected"),
+    [
+        ("bf16", "float32", (torch.bfloat16, torch.float32)),
+        ("bf16", "bfloat16", (torch.bfloat16, torch.bfloat16)),
+        ("fp16", "float32", (torch.float16, torch.float32)),
+        ("no", "float32", None),
+    ],
+)
+def test_fsdp2_plugin_reduces_gradients_in_fp32(
+    precision: str, reduce: str, expected: tuple[torch.dtype, torch.dtype] | None
+) -> None:
+    """The policy survives accelerate's set_mixed_precision (which AcceleratorState calls
+    with the Accelerator's mixed_precision, and which would otherwise reduce in bf16)."""
+    plugin = fsdp_plugin(ParallelConfig(strategy="fsdp2", fsdp_reduce_dtype=reduce), precision)
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    policy = plugin.mixed_precision_policy
+    if expected is None:
+        assert policy is None
+    else:
+        assert (policy.param_dtype, policy.reduce_dtype) == expected
+
+
+def test_offload_thread_count() -> None:
+    # this process's share of the cores, unless asked for
+    assert offload_threads(None, None, cores=96, local_processes=8) == 12
+    assert offload_threads(None, "1", cores=96, local_processes=8) == 12  # a launcher's default
+    assert offload_threads(None, "4", cores=96, local_processes=8) == 4  # the user's choice
+    assert offload_threads(2, "4", cores=96, local_processes=8) == 2  # parallel.offload_threads
+    assert offload_threads(None, None, cores=2, local_processes=4) == 1
+    assert offloads_optimizer_step(ParallelConfig(strategy="zero2", offload_optimizer=True))
+    assert not offloads_optimizer_step(ParallelConfig(strategy="fsdp2", offload_optimizer=True))
+    assert not offloads_optimizer_step(ParallelConfig(strategy="zero3"))

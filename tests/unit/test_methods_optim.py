@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,92 @@ def test_missing_peft_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(BigftError, match=r"method lora needs .*pip install 'bigft\[lora\]'"):
         apply_adapters(torch.nn.Linear(2, 2), MethodConfig(name="lora"))
+
+
+def _partition_like_zero3(model: torch.nn.Module) -> None:
+    """What zero.Init leaves: every parameter an empty 1-D tensor carrying its full shape
+    (`ds_shape`) and size (`ds_numel`); the elements live in per-rank partitions."""
+    for param in model.parameters():
+        param.ds_shape = param.shape
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+
+
+def _table_counts(table: str) -> dict[str, int]:
+    rows = re.findall(r"^\s+(\S+)\s+([\d,]+) params", table, re.MULTILINE)
+    return {name: int(count.replace(",", "")) for name, count in rows}
+
+
+def _expected_decay(model: torch.nn.Module) -> tuple[set[str], int]:
+    """Matrices (>= 2-D weights other than norms) and their element count."""
+    names = {n for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n.lower()}
+    return names, sum(p.numel() for n, p in model.named_parameters() if n in names)
+
+
+def test_zero3_partitioned_params_are_grouped_by_their_full_shape() -> None:
+    from bigft.tiny import build_tiny_llama
+
+    model = build_tiny_llama(vocab_size=100)
+    decay_names, decay_count = _expected_decay(model)
+    total = sum(p.numel() for p in model.parameters())
+    _partition_like_zero3(model)
+    assert all(p.dim() == 1 for p in model.parameters())  # as the optimizer sees them
+
+    optimizer = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.1))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    names_of = {id(p): n for n, p in model.named_parameters()}
+    assert {names_of[id(p)] for p in groups["decay"]["params"]} == decay_names
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0
+    # the table counts whole parameters, not the empty local tensors
+    counts = _table_counts(describe_groups(optimizer))
+    assert counts == {"decay": decay_count, "no_decay": total - decay_count}
+
+
+def test_start_up_table_shows_configured_lr_and_full_counts() -> None:
+    """After warmup's first (small) lr is applied and an engine has swapped each group's
+    parameters for a flat per-rank partition (ZeRO-1/2), the table still shows the
+    configured lr and the whole model's counts."""
+    from bigft.config import ScheduleConfig
+    from bigft.optim import build_scheduler
+    from bigft.tiny import build_tiny_llama
+
+    model = build_tiny_llama(vocab_size=100)
+    _, decay_count = _expected_decay(model)
+    optimizer = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.1))
+    build_scheduler(optimizer, ScheduleConfig(name="cosine", warmup_steps=5), total_steps=20)
+    warming_up = optimizer.param_groups[0]["lr"]
+    assert warming_up < 3e-3
+    for group in optimizer.param_groups:
+        full = sum(p.numel() for p in group["params"])
+        group["params"] = [torch.zeros(full // 2)]  # this rank's half, flattened
+    table = describe_groups(optimizer)
+    assert f"lr {warming_up:.3g} " not in table, table
+    assert _table_counts(table)["decay"] == decay_count, table
+    assert re.search(r"^\s+decay\s+[\d,]+ params  lr 0.003  wd 0.1$", table, re.MULTILINE), table
+
+
+@pytest.mark.slow  # DeepSpeed compiles its CPU Adam op on first use (cached afterwards)
+def test_offloaded_adamw_is_deepspeed_cpu_adam_with_the_same_groups() -> None:
+    """Under ZeRO-Offload adamw is DeepSpeed's CPU Adam; per-group lr (layer decay) and
+    weight decay still apply: its steps match torch's AdamW on the same groups."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from bigft.tiny import build_tiny_llama
+
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, layer_decay=0.5)
+    models = [build_tiny_llama(vocab_size=100), build_tiny_llama(vocab_size=100)]
+    offloaded = build_optimizer(models[0], cfg, cpu_offload=True)
+    reference = build_optimizer(models[1], cfg)
+    assert isinstance(offloaded, DeepSpeedCPUAdam)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in offloaded.param_groups] == [
+        (g["name"], g["lr"], g["weight_decay"]) for g in reference.param_groups
+    ]
+    ids = torch.randint(4, 100, (2, 16))
+    for _ in range(3):
+        for model, optimizer in zip(models, (offloaded, reference), strict=True):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

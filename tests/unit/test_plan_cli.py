@@ -203,8 +203,13 @@ def test_shipped_4090_qlora_config_picks_a_micro_batch_that_fits() -> None:
     work = workload_from_config(cfg)
     assert (work.method, work.grad_ckpt, work.optimizer) == ("qlora", True, "paged_adamw_8bit")
     gpu = get_gpu("rtx4090")
-    report = make_plan(work, gpu, global_batch=cfg.train.global_batch_size)
-    assert report.fits and report.micro_batch == report.max_micro_batch
+    global_batch = cfg.train.global_batch_size
+    report = make_plan(work, gpu, global_batch=global_batch)
+    largest = report.max_micro_batch
+    # The largest micro-batch that fits and divides the global batch (32 on one GPU).
+    assert report.fits and report.micro_batch <= largest
+    assert global_batch % report.micro_batch == 0
+    assert all(global_batch % m for m in range(report.micro_batch + 1, largest + 1))
     capacity = usable_bytes(gpu, 0.05)
-    assert total_bytes(work.with_(micro_batch=report.micro_batch)) <= capacity
-    assert total_bytes(work.with_(micro_batch=report.micro_batch + 1)) > capacity
+    assert total_bytes(work.with_(micro_batch=largest)) <= capacity
+    assert total_bytes(work.with_(micro_batch=largest + 1)) > capacity

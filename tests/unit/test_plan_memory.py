@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
+import yaml
 
 from bigft.errors import ConfigError
 from bigft.plan import analytic, get_gpu, load_arch, make_plan, model_states, shipped_archs
@@ -151,3 +153,56 @@ def test_any_shipped_model_plans_in_under_half_a_second() -> None:
         start = time.perf_counter()
         make_plan(work, gpu)
         assert time.perf_counter() - start < 0.5, name
+
+
+def _from_config(tmp_path, **sections: Any) -> Workload:
+    from bigft.config import load_config
+    from bigft.plan import workload_from_config
+
+    cfg: dict[str, Any] = {
+        "model": {"name_or_path": "llama-2-7b"},
+        "data": {"train": "rows.jsonl"},
+        "train": {"seq_len": 2048, "precision": "bf16"},
+        "output_dir": str(tmp_path / "out"),
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return workload_from_config(load_config(path))
+
+
+def test_lora_with_dtype_auto_plans_a_bf16_base(tmp_path) -> None:
+    """model.dtype auto under bf16: the frozen base is bf16 (half of fp32), as loaded."""
+    lora = {"name": "lora", "gradient_checkpointing": "full"}
+    auto = _from_config(tmp_path, method=lora)
+    fp32 = _from_config(tmp_path, method=lora, model={"dtype": "float32"})
+    bf16 = _from_config(tmp_path, method=lora, model={"dtype": "bfloat16"})
+    psi, adapters = auto.arch.n_params, auto.trainable_params
+    assert model_states(auto).params == pytest.approx(2 * psi + 4 * adapters)
+    assert model_states(fp32).params == pytest.approx(4 * psi + 4 * adapters)
+    assert model_states(auto).params / model_states(fp32).params == pytest.approx(0.5, abs=0.01)
+    assert analytic(auto).tensor_peak == pytest.approx(analytic(bf16).tensor_peak)
+    assert analytic(auto).tensor_peak < 0.6 * analytic(fp32).tensor_peak
+
+
+def test_freeze_with_dtype_auto_keeps_fp32_master_weights_for_what_trains(tmp_path) -> None:
+    work = _from_config(tmp_path, method={"name": "freeze", "train_top_layers": 8})
+    psi, trained = work.arch.n_params, work.trainable_params
+    ms = model_states(work)
+    assert ms.params == pytest.approx(2 * (psi - trained) + 4 * trained)
+    assert ms.grads == pytest.approx(4 * trained) and ms.optimizer == pytest.approx(8 * trained)
+    full = _from_config(tmp_path)  # full fine-tuning: every weight an fp32 master weight
+    assert model_states(full).params == pytest.approx(4 * psi)
+
+
+def test_qlora_keeps_weights_that_are_not_4bit_in_bf16(tmp_path) -> None:
+    """Embeddings, norms and lm_head stay bf16 (no prepare_model_for_kbit_training upcast)."""
+    from bigft.plan.workload import NF4_BYTES_PER_PARAM
+
+    work = _from_config(tmp_path, model={"name_or_path": "llama-3.1-8b"}, method={"name": "qlora"})
+    a = work.arch
+    quantized = a.layers * a.layer_linear_params
+    rest = a.n_params - quantized  # embeddings, lm_head and norms: ~1.05B on Llama-3.1-8B
+    assert work.base_param_bytes() == pytest.approx(quantized * NF4_BYTES_PER_PARAM + 2 * rest)
+    assert 5.0 * GB < work.base_param_bytes() < 6.5 * GB  # "NF4 base ~5.5 GB" on the 4090

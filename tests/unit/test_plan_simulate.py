@@ -95,7 +95,13 @@ def _measured_vs_estimates(method: str, precision: str, seq: int, mb: int, ckpt:
 
 
 @pytest.mark.parametrize(
-    ("method", "precision", "ckpt"), [("full", "fp32", False), ("lora", "bf16", True)]
+    ("method", "precision", "ckpt"),
+    [
+        ("full", "fp32", False),
+        ("lora", "bf16", True),  # model.dtype auto: a bf16 base, fp32 adapters
+        ("freeze", "bf16", False),  # bf16 frozen layers, fp32 trainable ones
+        ("qlora", "bf16", True),  # NF4 linears, bf16 embeddings / norms / lm_head
+    ],
 )
 def test_estimates_match_a_real_step_on_cpu(method: str, precision: str, ckpt: bool) -> None:
     _measured_vs_estimates(method, precision, seq=128, mb=2, ckpt=ckpt)
