@@ -556,13 +556,18 @@ def _check_base(accelerator: Accelerator, path: Path) -> None:
         )
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def share_like_other_files(folder: Path) -> None:
     """Give files written private (safetensors writes weights through a 0600 temporary
     file) the mode every other file gets under the umask, so a cluster group that can
     read the run can read its weights too."""
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = 0o666 & ~umask
+    mode = 0o666 & ~current_umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
             path.chmod(mode)

@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bigft.checkpoint import share_like_other_files
+from bigft.checkpoint import current_umask, share_like_other_files
 from bigft.config import Config, load_config
 from bigft.errors import BigftError, require
+from bigft.rundir import holds_run
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def check_destination(run_dir: Path, out: Path, overwrite: bool) -> bool:
         return False
     if not any(target.iterdir()) or (target / MARKER).is_file():
         return True
-    if run in target.parents or _is_run_dir(target):
+    if run in target.parents or holds_run(target):
         what = "part of the run" if run in target.parents else "another run's directory"
         raise BigftError(f"--out {out} is {what}; export to a new directory")
     if not overwrite:
@@ -97,12 +98,6 @@ def check_destination(run_dir: Path, out: Path, overwrite: bool) -> bool:
             "or pass --overwrite to replace its contents"
         )
     return True
-
-
-def _is_run_dir(path: Path) -> bool:
-    """A bigft run directory: its resolved config beside checkpoints or results."""
-    outputs = ("checkpoints", "metrics.jsonl", "summary.json")
-    return (path / "config.yaml").is_file() and any((path / o).exists() for o in outputs)
 
 
 def export_run(
@@ -137,7 +132,7 @@ def export_run(
             shutil.copytree(final, tmp, dirs_exist_ok=True)
         marker = {"run_dir": str(run_dir.resolve()), "merged": bool(cfg is not None)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; share it like a run
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; share it
         share_like_other_files(tmp)
         if replace:
             _replace(out, tmp)
@@ -147,12 +142,6 @@ def export_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace(out: Path, tmp: Path) -> None:
