@@ -17,7 +17,7 @@ tokenizer and loaded back by bigft's own loading code. --tiny: a 2-layer Llama o
    each sequence's logits against the same sequence run alone. The unflattened [2, L]
    batch under flash (without flash-attn: a probe with flash's control flow) shows the
    cross-sequence attention the flattening prevents.
-2. planner memory: LoRA, QLoRA and full fine-tuning through `bigft.config.load_config`,
+2. planner memory: LoRA, QLoRA and full fine-tuning through `bigft.config_io.load_config`,
    `bigft.train.setup` and the loop's `train_step` (bf16, checkpointing as the recipes in
    configs/): torch.cuda.max_memory_allocated over steady-state steps against the
    planner's tensor peak for the same config and micro-batch.
@@ -234,7 +234,7 @@ def bigft_run(config: Path) -> Iterator[Any]:
     from accelerate.state import AcceleratorState
     from rich.console import Console
 
-    from bigft.config import load_config
+    from bigft.config_io import load_config
     from bigft.train import setup
 
     run = setup(load_config(config), Console(stderr=True))
@@ -585,8 +585,8 @@ def check_method(s: Settings, method: str) -> dict[str, Any]:
 def one_process_group() -> Iterator[None]:
     """A torch.distributed job of one process, described as torchrun would.
 
-    On CPU, bigft's `_cpu_process_group` marks a job multi-device (so that accelerate
-    applies FSDP at all) only for 2+ processes; it is marked here for the one process.
+    On CPU the shared state is marked multi-device, as bigft's `_cpu_process_group`
+    does, so that accelerate applies FSDP at all.
     """
     import torch
     from accelerate.state import AcceleratorState, PartialState

@@ -125,7 +125,7 @@ def make_base(out: Path, size: str) -> tuple[Path, int]:
 
 def worker(cfg_path: Path, out: Path, overrides: list[str], load_only: bool) -> None:
     """One rank: setup (and train); rank 0 writes every rank's peak RSS."""
-    from bigft.config import load_config
+    from bigft.config_io import load_config
     from bigft.distributed import peak_rss_mib_per_rank
     from bigft.train import setup, train
 

@@ -305,7 +305,7 @@ def run_bigft(root: Path, s: Setting, packed: bool) -> None:
     from rich.console import Console
 
     import bigft.train as bt
-    from bigft.config import load_config
+    from bigft.config_io import load_config
 
     name = "bigft-packed" if packed else "bigft-padded"
     config = {

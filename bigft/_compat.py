@@ -69,3 +69,17 @@ def disable_bnb_cpu_repack(model: Any) -> int:
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
+
+
+def click_exceptions() -> Any:
+    """The exception classes typer's command line raises (UsageError, BadParameter, ...).
+
+    Upstream change: recent typer releases ship their own copy of click as `typer._click`
+    and raise its exceptions, which are not `click.UsageError`; older releases use the
+    `click` package. Whichever typer imports is the one whose exceptions reach bigft.
+    """
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer that still depends on click
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions

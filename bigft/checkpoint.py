@@ -10,17 +10,28 @@ With a frozen base (lora, dora, qlora, freeze) the checkpoint holds only what tr
 changes: the trainable weights (and the model's buffers) and the optimizer state. The
 frozen base is read again from model.name_or_path on resume; `base_model.json` records
 which base it was, so a resume onto another one is refused.
+
+Before anything is loaded, a checkpoint is checked whole (`checkpoint_problem`): its files
+are present, trainer_state.json parses, safetensors headers parse and match the file
+length, the engines' pickles end where their zip directory says. `resume: auto` passes
+over a damaged checkpoint to the newest whole one (`find_resume`); missing or unreadable
+RNG states are resumed with a warning, since the run can go on but no longer matches an
+uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +42,8 @@ from accelerate.utils import DistributedType
 
 from bigft import faults
 from bigft.errors import BigftError, TrainingError
+from bigft.model import safetensors_problem
+from bigft.tracking import strict_json
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^(step-\d+)\.(tmp|old)$")
@@ -84,7 +97,8 @@ def save_checkpoint(
     faults.crash_in_save(step)
     if accelerator.is_main_process and failure is None:
         # The state file is written last: its presence marks the checkpoint complete.
-        failure = _attempt(lambda: (tmp / STATE_FILE).write_text(json.dumps(state, indent=2)))
+        text = strict_json(state, indent=2, default=str)  # NaN/inf (an eval) become null
+        failure = _attempt(lambda: (tmp / STATE_FILE).write_text(text))
     _all_written(accelerator, failure, tmp, step)
     if accelerator.is_main_process:
         share_like_other_files(tmp)
@@ -165,11 +179,42 @@ def disk_free(path: Path) -> int:
     return shutil.disk_usage(Path.cwd()).free
 
 
+def check_writable(output_dir: str | Path) -> None:
+    """Refuse an output_dir this process cannot write: output_dir itself when it exists,
+    else the nearest existing parent it would be created in.
+
+    An anonymous temporary file proves it (O_TMPFILE: no name ever appears in the
+    directory), where permission bits do not: root ignores them, and a read-only mount
+    or a pseudo-filesystem refuses root too (and reports 0 bytes free).
+    """
+    out = Path(output_dir)
+    existing = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise BigftError(
+            f"output_dir '{output_dir}' is not writable ({os.strerror(errno.ENOTDIR)}: "
+            f"'{existing}' is a file); choose another output_dir"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if existing != out.absolute():
+            why = f"it would be created in '{existing}': {why}"
+        raise BigftError(
+            f"output_dir '{output_dir}' is not writable ({why}); choose another output_dir, "
+            "or make it writable"
+        ) from None
+
+
 def check_disk_space(output_dir: str | Path, model: Any, optimizer: str, export: bool) -> None:
-    """Refuse to start when output_dir cannot hold one checkpoint (trained weights +
-    optimizer state; a frozen base is not saved) and the final export: better now than
-    after hours of training. A lower bound: keep_last checkpoints and the engines' extra
-    copies need more."""
+    """Refuse to start when output_dir cannot be written (`check_writable`), or cannot
+    hold one checkpoint (trained weights + optimizer state; a frozen base is not saved)
+    and the final export: better now than after hours of training. A lower bound:
+    keep_last checkpoints and the engines' extra copies need more."""
+    check_writable(output_dir)
     weights = state = trainable = 0.0
     for param in model.parameters():
         # ZeRO-3 partitions report their full size as ds_numel; FSDP2 DTensors, numel().
@@ -221,6 +266,236 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+# ---------------------------------------------------------------------------------------
+# Which checkpoint to resume from, checked whole before anything is loaded.
+
+RNG_FILE = "random_states_{}.pkl"  # Accelerate's RNG states, one file per process
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from, and what to tell the user about it."""
+
+    path: Path
+    notes: list[str] = field(default_factory=list)  # damaged checkpoints passed over
+    warnings: list[str] = field(default_factory=list)  # why it will not match bit for bit
+    # Where it is before `clean_partial` runs: `step-N.old` when that is put back as `path`.
+    found_at: Path | None = None
+
+    @property
+    def location(self) -> Path:
+        """Where the checkpoint's files are now."""
+        return self.found_at or self.path
+
+
+def find_resume(resume: str, output_dir: str | Path, num_processes: int) -> ResumePoint | None:
+    """The checkpoint train.resume names, checked whole (read-only: run it before any
+    write); None to start afresh.
+
+    'auto': the newest whole checkpoint; damaged newer ones are passed over with a note,
+    and when every checkpoint is damaged the run is refused (rather than silently
+    retraining from step 0 over them). A checkpoint the cleanup of a killed save restores
+    (`step-N.old`, see `clean_partial`) counts under its final name. An explicit path
+    must be whole.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise BigftError(f"train.resume: '{resume}' is not a complete bigft checkpoint")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise BigftError(
+                f"train.resume: checkpoint '{resume}' is damaged: {problem}; resume from "
+                "another checkpoint (train.resume=<its directory>, or auto for the newest "
+                "whole one)"
+            )
+        return ResumePoint(path, warnings=rng_warnings(path, num_processes))
+    notes: list[str] = []
+    damaged: list[str] = []
+    for final, location in reversed(_resume_candidates(output_dir)):
+        problem = checkpoint_problem(location)
+        if problem is None:
+            notes = [f"{n}; resuming from {final.name}" for n in notes]
+            return ResumePoint(final, notes, rng_warnings(location, num_processes), location)
+        notes.append(f"skipped the damaged checkpoint {final}: {problem}")
+        damaged.append(f"{final.name}: {problem}")
+    if damaged:
+        raise BigftError(
+            f"train.resume auto: no whole checkpoint in {checkpoint_root(output_dir)} "
+            f"({'; '.join(damaged)}); restore or delete the damaged files, resume from "
+            "another copy (train.resume=<checkpoint directory>), or pass --overwrite to move "
+            "this run aside and start over"
+        )
+    return None
+
+
+def _resume_candidates(output_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(final name, where it is now) of every complete checkpoint, oldest first."""
+    found = {path: path for path in list_checkpoints(output_dir)}
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            match = _LEFTOVER.match(path.name)
+            if match and match.group(2) == "old" and (path / STATE_FILE).is_file():
+                final = root / match.group(1)
+                if not final.exists():
+                    found[final] = path
+    return sorted(found.items(), key=lambda item: item[0].name)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be resumed from, or None when it is whole.
+
+    Cheap checks only (no tensor is read): the files its engine writes are present and
+    not empty, trainer_state.json parses, every safetensors header parses and declares
+    the file's length, every torch pickle (a zip) has its central directory, every DCP
+    shard holds the bytes its metadata declares. RNG states are not required (see
+    `rng_warnings`).
+    """
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{STATE_FILE} is not valid JSON ({_short(exc)})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} holds no step"
+    if not isinstance(state.get("loader"), dict):
+        return f"{STATE_FILE} holds no data position (loader)"
+    missing = _missing_engine_files(path, str(state.get("strategy", "ddp")))
+    if missing is not None:
+        return f"{missing} is missing"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        problem = _file_problem(path, file)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _missing_engine_files(path: Path, strategy: str) -> str | None:
+    """The first file (pattern) the engine that wrote the checkpoint always writes, when
+    it is absent."""
+    if strategy.startswith("zero"):
+        engine = path / "pytorch_model"  # Accelerate's DeepSpeed tag
+        if not any(engine.glob("*model_states.pt")):
+            return "pytorch_model/*model_states.pt"
+        if not any(engine.glob("*optim_states.pt")):
+            return "pytorch_model/*optim_states.pt"
+        return None
+    if strategy == "fsdp2":
+        if not (path / _fsdp_dir(0) / ".metadata").is_file():
+            return f"{_fsdp_dir(0)}/.metadata"
+        if not (path / "optimizer_0" / ".metadata").is_file() and not any(
+            path.glob("optimizer*.bin")
+        ):
+            return "optimizer_0/.metadata"
+        return None
+    if not any(path.glob("model*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        return "model.safetensors"
+    if not any(path.glob("optimizer*.bin")):
+        return "optimizer.bin"
+    return None
+
+
+def _file_problem(root: Path, file: Path) -> str | None:
+    """Why one file of a checkpoint is damaged, or None."""
+    name = str(file.relative_to(root))
+    if file.name.startswith("random_states_"):
+        return None  # optional: rng_warnings
+    if file.suffix == ".safetensors":
+        problem = safetensors_problem(file)
+        return None if problem is None else problem.replace(file.name, name, 1)
+    if file.suffix in (".bin", ".pt", ".pkl"):
+        return _torch_file_problem(file, name)
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            return f"{name} is not valid JSON ({_short(exc)})"
+    if file.name == ".metadata":
+        return _dcp_problem(file.parent, name)
+    return None
+
+
+def _torch_file_problem(file: Path, name: str) -> str | None:
+    """torch.save writes a zip whose directory sits at the very end: a truncated file
+    has none. (A legacy non-zip pickle is only checked for being non-empty.)"""
+    try:
+        if file.stat().st_size == 0:
+            return f"{name} is empty (0 bytes)"
+        with file.open("rb") as fh:
+            is_zip = fh.read(2) == b"PK"
+        if is_zip:
+            with zipfile.ZipFile(file) as archive:
+                archive.infolist()
+    except OSError as exc:
+        return f"{name} cannot be read ({exc.strerror or exc})"
+    except zipfile.BadZipFile:
+        return f"{name} is truncated or corrupt (its zip directory is unreadable)"
+    return None
+
+
+def _dcp_problem(folder: Path, name: str) -> str | None:
+    """A torch.distributed.checkpoint folder: every byte range its metadata names exists."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+        storage = metadata.storage_data or {}
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            end = int(info.offset) + int(info.length)
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+    except Exception as exc:  # an unpicklable or cut metadata file raises anything
+        return f"{name} is unreadable ({_short(exc)})"
+    for relative, end in sorted(ends.items()):
+        shard = folder / relative
+        size = shard.stat().st_size if shard.is_file() else None
+        if size is None:
+            return f"{shard.relative_to(folder.parent)} is missing"
+        if size < end:
+            return (
+                f"{shard.relative_to(folder.parent)} is truncated ({size} bytes; "
+                f"{folder.name}/.metadata declares {end})"
+            )
+    return None
+
+
+def rng_warnings(path: Path, num_processes: int) -> list[str]:
+    """What will not match an uninterrupted run when resuming from `path`: each
+    process's RNG state file (dropout, random sampling) that is missing or unreadable."""
+    from accelerate.utils import load
+
+    found: list[str] = []
+    for rank in range(num_processes):
+        file = path / RNG_FILE.format(rank)
+        if not file.is_file():
+            found.append(f"rng state missing: {file}")
+            continue
+        try:
+            states = load(file, map_location="cpu")
+            readable = isinstance(states, dict) and "torch_manual_seed" in states
+        except Exception:  # torch.load of a damaged file raises many kinds
+            readable = False
+        if not readable:
+            found.append(f"rng state unreadable: {file}")
+    if not found:
+        return []
+    shown = "; ".join(found[:2]) + ("; ..." if len(found) > 2 else "")
+    return [
+        f"{shown}; resumed anyway: dropout and other random draws, and so the results, "
+        "will not match an uninterrupted run"
+    ]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def check_compatible(path: Path, strategy: str, world_size: int) -> None:
     """Sharded checkpoints only load on the layout that wrote them; say how to convert."""
     saved = json.loads((path / STATE_FILE).read_text())
@@ -252,18 +527,42 @@ def check_compatible(path: Path, strategy: str, world_size: int) -> None:
         )
 
 
+def check_fits(path: Path, model: Any) -> None:
+    """BigftError when the weights file of a DDP / single-process checkpoint does not fit
+    `model` (a tensor it trains is missing, one it lacks is there, a shape differs),
+    read from the safetensors header alone, so a resume that cannot load fails before
+    anything is written. Engines' own formats are checked when loaded."""
+    file = path / "model.safetensors"
+    if not file.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        saved = {_plain(model, k): k for k in f.keys()}  # noqa: SIM118
+        shapes = {k: list(f.get_slice(saved[k]).get_shape()) for k in saved}
+    _check_keys(path, model, saved, shapes)
+
+
 def load_checkpoint(
     accelerator: Accelerator, path: Path, allow_pickle: bool = False
 ) -> dict[str, Any]:
     """Restore model/optimizer/RNG in place; return the trainer state (with the scheduler's).
 
-    Weights load from safetensors; a checkpoint holding them as a pickle is refused unless
-    `allow_pickle`. Accelerate reads the optimizer and RNG files with
+    The checkpoint is checked whole first (`checkpoint_problem`): a damaged one is a
+    BigftError before any state changes. Weights load from safetensors; a checkpoint
+    holding them as a pickle is refused unless `allow_pickle`. Accelerate reads the
+    optimizer and RNG files with
     torch.load(weights_only=True), which rebuilds tensors and plain containers only.
     DeepSpeed and FSDP2 checkpoints are the engines' own formats, which unpickle: resume
     only from checkpoints you wrote. Every tensor the model trains must be in the
     checkpoint, and nothing the model lacks may be: a mismatch is a one-line BigftError.
     """
+    problem = checkpoint_problem(path)
+    if problem is not None:  # checked whole first: never a half-loaded state
+        raise BigftError(
+            f"checkpoint {path} is damaged: {problem}; resume from another checkpoint "
+            "(train.resume=<its directory>)"
+        )
     pickled = sorted(p.name for p in path.glob("pytorch_model*.bin") if p.is_file())
     if pickled and not any(path.glob("model*.safetensors")) and not allow_pickle:
         raise BigftError(
@@ -601,7 +900,7 @@ def mark_best(output_dir: str | Path, path: Path, info: dict[str, Any]) -> None:
     """
     root = checkpoint_root(output_dir)
     tmp = root / (BEST_FILE + ".tmp")
-    tmp.write_text(json.dumps({"checkpoint": path.name, **info}, indent=2))
+    tmp.write_text(strict_json({"checkpoint": path.name, **info}, indent=2))
     os.replace(tmp, root / BEST_FILE)
     link = root / "best.tmp-link"
     if link.is_symlink() or link.exists():

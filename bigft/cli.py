@@ -18,11 +18,55 @@ from rich.console import Console
 from rich.markup import escape
 
 from bigft import __version__
+from bigft._compat import click_exceptions
 from bigft.errors import BigftError
 from bigft.plan.cli import plan as _plan  # imports no torch: --simulate does, when run
 from bigft.slurm_cli import slurm_app
 
+_usage = click_exceptions()
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage mistakes (an unknown option, a flag value of the wrong type) end like every
+    other user error: one `error:` line and exit code 2, not click's usage box."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _usage.NoArgsIsHelpError as exc:  # `bigft` alone: the help
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(exc)
+            sys.exit(exc.exit_code)
+        except _usage.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "bigft"
+            message = escape(exc.format_message())
+            console.print(
+                f"[bold red]error:[/] {message} (see {where} --help)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(exc.exit_code)
+        except _usage.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="bigft: plan, fine-tune, evaluate and export large language models.",
     no_args_is_help=True,
     add_completion=False,
@@ -43,6 +87,14 @@ CONFIG_ARG = typer.Argument(..., help="YAML config file.", show_default=False)
 OVERRIDES_ARG = typer.Argument(
     None, help="Dotted overrides, e.g. optim.lr=1e-4 train.steps=100.", show_default=False
 )
+
+
+def _overrides(items: list[str] | None) -> list[str]:
+    """The command line's overrides; a key given twice is refused (config imported late:
+    `bigft --help` stays fast)."""
+    from bigft.config_io import user_overrides
+
+    return user_overrides(items)
 
 
 def user_errors(func: F) -> F:
@@ -107,9 +159,15 @@ def train(
     overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Fine-tune as the config says: validate, train, evaluate, export."""
-    from bigft.config import load_config
+    import shlex
 
-    cfg = load_config(config, overrides or [])
+    from bigft.config_io import load_config
+
+    cfg = load_config(config, _overrides(overrides))
+    from bigft.distributed import require_launcher
+
+    args = [str(config), *_overrides(overrides), *(["--overwrite"] if overwrite else [])]
+    require_launcher(cfg.parallel.strategy, shlex.join(args))
     _quiet_libraries()
     from bigft.train import run_training
 
@@ -129,9 +187,12 @@ def data_preview(
     num: int = typer.Option(3, "--num", "-n", help="Examples to show."),
 ) -> None:
     """Show formatted + tokenized examples (masked prompt dimmed) and data statistics."""
-    from bigft.config import load_config
+    from bigft.config_io import load_config
 
-    cfg = load_config(config, overrides or [])
+    if num < 1:
+        raise BigftError(f"--num {num}: show at least 1 example")
+
+    cfg = load_config(config, _overrides(overrides))
     _quiet_libraries()
     from bigft.data import prepare_data
     from bigft.data.preview import preview
@@ -146,9 +207,9 @@ def data_preview(
 @user_errors
 def config_show(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Print the fully resolved config (defaults filled in, overrides applied)."""
-    from bigft.config import dump_config, load_config
+    from bigft.config_io import dump_config, load_config
 
-    out.print(dump_config(load_config(config, overrides or [])), highlight=False, end="")
+    out.print(dump_config(load_config(config, _overrides(overrides))), highlight=False, end="")
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -157,17 +218,15 @@ def launch(
     config: Path = CONFIG_ARG,
     overrides: list[str] | None = OVERRIDES_ARG,
     nproc: int = typer.Option(1, "--nproc", help="Processes on this node (one per GPU)."),
-    nnodes: int = typer.Option(
-        int(os.environ.get("SLURM_NNODES", "1")), "--nnodes", help="Nodes in the job."
-    ),
+    nnodes: int = typer.Option(1, "--nnodes", envvar="SLURM_NNODES", help="Nodes in the job."),
     node_rank: int = typer.Option(
-        int(os.environ.get("SLURM_NODEID", "0")), "--node-rank", help="This node's rank."
+        0, "--node-rank", envvar="SLURM_NODEID", help="This node's rank."
     ),
     master_addr: str = typer.Option(
-        os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master-addr", help="Rendezvous host."
+        "127.0.0.1", "--master-addr", envvar="MASTER_ADDR", help="Rendezvous host."
     ),
     master_port: int = typer.Option(
-        int(os.environ.get("MASTER_PORT", "29500")), "--master-port", help="Rendezvous port."
+        29500, "--master-port", envvar="MASTER_PORT", help="Rendezvous port."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, run nothing."),
     overwrite: bool = OVERWRITE_OPT,
@@ -176,10 +235,14 @@ def launch(
     import shlex
     import subprocess
 
-    from bigft.config import load_config
+    from bigft.config_io import load_config
+    from bigft.launcher import isolated_workers
 
-    load_config(config, overrides or [])  # fail here, once, not in every process
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    _check_launch_flags(nproc, nnodes, node_rank, master_port)
+    load_config(config, _overrides(overrides))  # fail here, once, not in every process
+    python_flags, worker_env = isolated_workers(Path.cwd(), sys.version_info[:2])
+    cmd = [sys.executable, *python_flags, "-m", "torch.distributed.run"]
+    cmd.append(f"--nproc_per_node={nproc}")
     if nnodes == 1:
         cmd.append("--standalone")
     else:
@@ -190,15 +253,30 @@ def launch(
             f"--rdzv_endpoint={master_addr}:{master_port}",
             "--rdzv_id=bigft",
         ]
-    cmd += ["-m", "bigft", "train", str(config), *(overrides or [])]
+    cmd += ["-m", "bigft", "train", str(config), *_overrides(overrides)]
     cmd += ["--overwrite"] if overwrite else []
     console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False, soft_wrap=True)
     if dry_run:
         return
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **worker_env}
     code = subprocess.call(cmd, env=env)
     if code:
         raise typer.Exit(code)
+
+
+def _check_launch_flags(nproc: int, nnodes: int, node_rank: int, master_port: int) -> None:
+    """Refuse values torchrun would reject with a traceback, or (node rank) hang on."""
+    if nproc < 1:
+        raise BigftError(f"--nproc {nproc}: must be at least 1 (processes on this node)")
+    if nnodes < 1:
+        raise BigftError(f"--nnodes {nnodes}: must be at least 1")
+    if not 0 <= node_rank < nnodes:
+        raise BigftError(
+            f"--node-rank {node_rank}: must be from 0 to {nnodes - 1} (--nnodes {nnodes}); "
+            "each node of the job passes its own rank"
+        )
+    if not 1 <= master_port <= 65535:
+        raise BigftError(f"--master-port {master_port}: must be a TCP port from 1 to 65535")
 
 
 @app.command()
@@ -211,7 +289,7 @@ def demo(
     _quiet_libraries()
     from bigft.demo import run_demo
 
-    run_demo(output_dir, overrides or [], console)
+    run_demo(output_dir, _overrides(overrides), console)
 
 
 @app.command("eval")
@@ -232,13 +310,13 @@ def eval_(
     accuracy / macro-F1 / AUC / confusion matrix; prints JSON."""
     import json
 
-    from bigft.evaluation import evaluation_config
+    from bigft.evaluation import evaluation_job
 
-    cfg, splits = evaluation_config(target, data, task, overrides or [])
-    _quiet_libraries()
-    from bigft.evaluation import run_evaluation
+    with evaluation_job(target, data, task, _overrides(overrides)) as job:
+        _quiet_libraries()
+        from bigft.evaluation import run_evaluation
 
-    results = run_evaluation(cfg, splits, console)
+        results = run_evaluation(job, console)
     if os.environ.get("RANK", "0") == "0":
         out.print_json(json.dumps(results, default=str))
 
@@ -264,7 +342,10 @@ def export(
     _quiet_libraries()
     from bigft.export import export_run
 
-    existed = out_dir.expanduser().is_dir() and any(out_dir.expanduser().iterdir())
+    try:
+        existed = out_dir.expanduser().is_dir() and any(out_dir.expanduser().iterdir())
+    except OSError:
+        existed = False  # a path the file system refuses: export_run says why
     written = export_run(run_dir, out_dir, merge=merge, overwrite=overwrite)
     note = " (its previous contents were replaced)" if existed else ""
     console.print(f"[green]exported[/] {written}{note}")

@@ -1,9 +1,11 @@
 """Typed configuration: YAML for users, validated pydantic models inside.
 
 Every section forbids unknown keys; a typo fails with the nearest valid name and the
-line it sits on. `key=value` overrides from the command line use dotted paths and are
-converted to the declared type. This module must not import torch (`bigft --help` and
-`bigft config show` stay fast).
+line it sits on, and so does a key written twice. Numbers are finite and within range,
+paths are ones a file system can hold, with `~` expanded. `key=value` overrides from the
+command line use dotted paths and are converted to the declared type; a `{key: value}`
+mapping merges into the section it names. This module must not import torch (`bigft
+--help` and `bigft config show` stay fast).
 """
 
 from __future__ import annotations
@@ -11,28 +13,120 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import string
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bigft.errors import ConfigError
 
+# Counts and sizes end up in tensors, numpy arrays and C libraries, none of which holds
+# an integer past int64; Python's own ints would carry 10**30 to the first of them.
+INT64_MAX = 2**63 - 1
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (int / float, maybe optional) and not a bool."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = set(get_args(annotation))
+    else:
+        members = {annotation}
+    return bool(members & {int, float}) and bool not in members
+
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated."""
+    """Base of every config section: unknown keys are errors, values are re-validated,
+    numbers are finite (no .inf / .nan) and integers fit in int64."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `steps: yes` as 1; a boolean where a number belongs is a mistake.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError("expected a number, not true/false")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_int64(cls, value: Any) -> Any:
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT64_MAX:
+                raise ValueError(f"must be at most {INT64_MAX} (a 64-bit integer)")
+        return value
+
+
+def _usable_path(value: str) -> str:
+    """A path the operating system can open: not empty, no NUL byte, no component over
+    255 bytes (the limit of ext4, XFS, Btrfs, APFS...), under Linux's PATH_MAX in all.
+    `~` is expanded later, when paths resolve."""
+    if not value.strip():
+        raise ValueError("is empty")
+    if "\0" in value:
+        raise ValueError("contains a NUL character")
+    expanded = os.path.expanduser(value)
+    for part in Path(expanded).parts:
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > 255:
+            raise ValueError(
+                f"the path component '{part[:24]}...' is {size} bytes long; file systems "
+                "allow at most 255 per name"
+            )
+    size = len(expanded.encode("utf-8", "surrogateescape"))
+    if size >= 4096:
+        raise ValueError(f"the path is {size} bytes long; the limit (PATH_MAX) is 4095")
+    return value
+
+
+# A file or directory path (or hub id) given in the config.
+PathStr = Annotated[str, AfterValidator(_usable_path)]
+
+NAMED_PROMPTS = ("alpaca", "short")
+PROMPT_FIELDS = ("instruction", "input")
+
+
+def prompt_fields(template: str) -> set[str]:
+    """The placeholders of a custom data.prompt_template; ValueError when it has one that
+    is not {instruction} / {input}, or is not a well-formed format string."""
+    escape = "write a literal brace as {{ or }}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"malformed template: {str(exc).lower()} ({escape})") from None
+    found = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in PROMPT_FIELDS:
+            raise ValueError(
+                f"unknown placeholder {{{name}}}; the placeholders are {{instruction}} and "
+                f"{{input}} ({escape})"
+            )
+        if spec or conversion:
+            raise ValueError(f"write the placeholder as plain {{{name}}} (no ':' or '!')")
+        found.add(name)
+    return found
 
 
 class ModelConfig(Section):
     """Which pretrained model to fine-tune and how to load it."""
 
-    name_or_path: str = Field(
+    name_or_path: PathStr = Field(
         description="Local directory saved with save_pretrained, or a hub id (needs network)."
     )
-    tokenizer: str | None = Field(
+    tokenizer: PathStr | None = Field(
         None, description="Tokenizer directory or hub id; defaults to model.name_or_path."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -92,15 +186,15 @@ class DataConfig(Section):
         description="text: continued pre-training on a text field; alpaca: "
         "instruction/input/output rows; chat: OpenAI `messages` or ShareGPT `conversations`.",
     )
-    train: str | list[str] = Field(
+    train: PathStr | list[PathStr] = Field(
         description="Training data: .jsonl/.json/.csv/.parquet file(s), a directory saved "
         "with Dataset.save_to_disk, or 'hub:NAME' (needs network). Relative paths resolve "
         "against the config file's directory."
     )
-    validation: str | None = Field(
+    validation: PathStr | None = Field(
         None, description="Separate validation file; when absent, split from data.train."
     )
-    test: str | None = Field(None, description="Separate test file; when absent, split.")
+    test: PathStr | None = Field(None, description="Separate test file; when absent, split.")
     split: SplitConfig = Field(
         default_factory=SplitConfig,
         description="Ratios used for the splits that have no separate file.",
@@ -110,7 +204,7 @@ class DataConfig(Section):
         "alpaca",
         description="Alpaca prompt: 'alpaca' (the Stanford Alpaca preamble), 'short' "
         "(### Instruction / ### Response only), or a custom string with {instruction} and "
-        "{input}.",
+        "optionally {input}; a literal brace is written {{ or }}.",
     )
     chat_template: str | None = Field(
         None,
@@ -155,6 +249,29 @@ class DataConfig(Section):
         if isinstance(value, list) and not value:
             raise ValueError("data.train lists no files")
         return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        # Rendering fills only {instruction} and {input}: anything else would stay in
+        # every prompt verbatim.
+        if value not in NAMED_PROMPTS:
+            prompt_fields(value)
+        return value
+
+    @model_validator(mode="after")
+    def _template_has_instruction(self) -> DataConfig:
+        template = self.prompt_template
+        if self.format != "alpaca" or template in NAMED_PROMPTS:
+            return self
+        if "instruction" not in prompt_fields(template):
+            close = difflib.get_close_matches(template, NAMED_PROMPTS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"data.prompt_template: {hint}a custom template needs an {{instruction}} "
+                "placeholder (and optionally {input}); or use 'alpaca' or 'short'"
+            )
+        return self
 
     @property
     def train_files(self) -> list[str]:
@@ -302,8 +419,19 @@ class OptimConfig(Section):
     weight_decay: float = Field(
         0.0, ge=0, description="Decoupled weight decay (never applied to biases and norms)."
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="Adam betas (first and second moment decay), each in [0, 1)."
+    )
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # beta = 1 never forgets the first gradient; beta > 1 or < 0 diverges.
+        for i, beta in enumerate(value):
+            if not 0 <= beta < 1:
+                raise ValueError(f"betas[{i}] = {beta} is outside [0, 1)")
+        return value
 
 
 class ScheduleConfig(Section):
@@ -328,7 +456,12 @@ class TrainConfig(Section):
         None, gt=0, description="Optimizer steps; when unset, run train.epochs."
     )
     epochs: float = Field(1.0, gt=0, description="Epochs over the training rows (if no steps).")
-    seq_len: int = Field(2048, gt=0, description="Tokens per training row.")
+    seq_len: int = Field(
+        2048,
+        gt=0,
+        description="Tokens per training row; bigft refuses a value above the model's "
+        "max_position_embeddings (with rope scaling, as its config.json states).",
+    )
     micro_batch_size: int | Literal["auto"] = Field(
         1, description="Rows per device per forward pass; 'auto' asks the memory planner."
     )
@@ -344,11 +477,17 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; 'auto' is bf16 on GPUs that support it, else fp32."
     )
-    seed: int = Field(42, description="Seed for initialization, shuffling and dropout.")
+    seed: int = Field(
+        42,
+        ge=0,
+        lt=2**32,
+        description="Seed for initialization, shuffling and dropout; 0 to 2**32 - 1 (what "
+        "numpy accepts).",
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm; null disables clipping."
     )
-    resume: str = Field(
+    resume: PathStr = Field(
         "auto",
         description="'auto': continue from the latest checkpoint in output_dir if any; "
         "'never'; or a checkpoint directory.",
@@ -400,7 +539,7 @@ class ParallelConfig(Section):
         "(launchers set 1 when it is unset), else this process's share of the cores it may "
         "run on (os.sched_getaffinity / processes on the machine).",
     )
-    deepspeed_config: str | None = Field(
+    deepspeed_config: PathStr | None = Field(
         None,
         description="A DeepSpeed JSON used as the base instead of the generated one; batch, "
         "precision and clipping must agree with this config (checked).",
@@ -487,6 +626,15 @@ class EvalConfig(Section):
     early_stopping: EarlyStoppingConfig = Field(
         default_factory=EarlyStoppingConfig, description="Early stopping on eval.metric."
     )
+
+    @field_validator("scorer")
+    @classmethod
+    def _module_function(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(
+            r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", value
+        ):
+            raise ValueError("write it as 'module:function', e.g. 'my_metrics:score'")
+        return value
 
     @property
     def higher_is_better(self) -> bool:
@@ -615,7 +763,7 @@ class SlurmConfig(Section):
     launcher: Literal["torchrun", "accelerate"] = Field(
         "torchrun", description="Per-node launcher: torchrun (c10d rendezvous) or accelerate."
     )
-    accelerate_config: str | None = Field(
+    accelerate_config: PathStr | None = Field(
         None, description="accelerate config file (DeepSpeed/FSDP) for launcher: accelerate."
     )
     master_port: int | None = Field(
@@ -637,10 +785,10 @@ class SlurmConfig(Section):
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables exported to the job."
     )
-    setup_script: str | None = Field(
+    setup_script: PathStr | None = Field(
         None, description="Shell file sourced before launching (module load, venv, ...)."
     )
-    python: str | None = Field(
+    python: PathStr | None = Field(
         None, description="Python that runs bigft on the nodes; default: the one rendering."
     )
     sbatch_extra: list[str] = Field(
@@ -723,7 +871,7 @@ class HardwareConfig(Section):
 class DistillConfig(Section):
     """Knowledge distillation from a teacher that shares the student's tokenizer / labels."""
 
-    teacher: str | None = Field(
+    teacher: PathStr | None = Field(
         None, description="Teacher model directory or hub id; null = no distillation."
     )
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of both models.")
@@ -769,9 +917,9 @@ class Config(Section):
         default_factory=HardwareConfig,
         description="The GPUs this config is written for (what bigft plan plans for).",
     )
-    output_dir: str = Field(
+    output_dir: PathStr = Field(
         description="Run directory: resolved config, metrics, checkpoints, final model. "
-        "Relative paths resolve against the current directory."
+        "Relative paths resolve against the current directory; ~ is your home."
     )
 
     @model_validator(mode="after")
@@ -826,8 +974,6 @@ class Config(Section):
             raise ValueError(
                 "eval.early_stopping / checkpoint.load_best_at_end need eval.every_steps"
             )
-        if self.eval.scorer is not None and ":" not in self.eval.scorer:
-            raise ValueError("eval.scorer: write it as 'module:function'")
         if self.eval.scorer is not None and not self.eval.generate.enabled:
             raise ValueError("eval.scorer scores generated answers: set eval.generate.enabled")
         known = TASK_METRICS[self.task]
@@ -839,6 +985,16 @@ class Config(Section):
                 f"eval.metric '{self.eval.metric}' is not reported for task {self.task}"
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
                 + f" (one of: {', '.join(known)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> Config:
+        warmup, steps = self.schedule.warmup_steps, self.train.steps
+        if warmup is not None and steps is not None and warmup > steps:
+            raise ValueError(
+                f"schedule.warmup_steps: {warmup} warmup steps in a run of {steps} "
+                "(train.steps); lower it, or use schedule.warmup_ratio"
             )
         return self
 
@@ -856,200 +1012,3 @@ class Config(Section):
                 "size; set only one of grad_accum and global_batch_size"
             )
         return self
-
-
-# ---------------------------------------------------------------------------------------
-# Loading: YAML with line numbers, overrides, friendly errors.
-
-
-def _key_lines(node: yaml.Node, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path in a composed YAML document to its 1-based line."""
-    lines: dict[tuple[str, ...], int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = (*prefix, str(key_node.value))
-            lines[path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = (*prefix, str(i))
-            lines[path] = item.start_mark.line + 1
-            lines.update(_key_lines(item, path))
-    return lines
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        raise ConfigError(f"{path}: the config file is empty")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of sections (model:, data:, ...)"
-        )
-    return data, _key_lines(node) if node is not None else {}
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`optim.lr=1e-4` -> (['optim', 'lr'], 1e-4). Values are read as YAML scalars/lists."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{item}': expected key=value, e.g. optim.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
-    """Set dotted keys in place; returns the key paths that came from the command line."""
-    touched: set[tuple[str, ...]] = set()
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
-                raise ConfigError(f"override '{item}': {where} is not a section")
-            node = child
-        node[keys[-1]] = value
-        touched.add(tuple(keys))
-    return touched
-
-
-def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
-    """Valid field names of the section at `loc` (for 'did you mean')."""
-    model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return []
-    return list(model.model_fields)
-
-
-def _format_error(
-    err: dict[str, Any],
-    source: str,
-    lines: dict[tuple[str, ...], int],
-    overridden: set[tuple[str, ...]],
-) -> str:
-    loc = tuple(str(p) for p in err["loc"])
-    key = ".".join(loc) or "(top level)"
-    if loc in overridden:
-        where = f"command-line override {key}"
-    else:
-        line = None
-        for n in range(len(loc), 0, -1):  # nearest enclosing key that has a line
-            line = lines.get(loc[:n])
-            if line is not None:
-                break
-        where = f"{source}:{line}: {key}" if line else f"{source}: {key}"
-    if err["type"] == "extra_forbidden":
-        valid = _fields_at(err["loc"][:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-        return f"{where}: unknown key{hint}"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-    return f"{where}: {msg}{shown}"
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `key=value` overrides, validate, resolve data paths."""
-    path = Path(path)
-    data, lines = _read_yaml(path)
-    overridden = apply_overrides(data, overrides or [])
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        first = _format_error(dict(errors[0]), str(path), lines, overridden)
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ConfigError(first + more) from None
-    _resolve_paths(config, path.parent)
-    return config
-
-
-def _resolve(value: str, base: Path) -> str:
-    if value.startswith("hub:") or Path(value).is_absolute():
-        return value
-    candidate = base / value
-    return str(candidate) if candidate.exists() or not Path(value).exists() else value
-
-
-def _resolve_paths(config: Config, base: Path) -> None:
-    """Data (and local model) paths are relative to the config file, like includes."""
-    data = config.data
-    data.train = [_resolve(p, base) for p in data.train_files]
-    if data.validation:
-        data.validation = _resolve(data.validation, base)
-    if data.test:
-        data.test = _resolve(data.test, base)
-    for attr in ("name_or_path", "tokenizer"):
-        value = getattr(config.model, attr)
-        if value and (base / value).exists() and not Path(value).is_absolute():
-            setattr(config.model, attr, str(base / value))
-
-
-# An environment variable whose name has a part ending in KEY, TOKEN, SECRET or PASSWORD
-# (WANDB_API_KEY, HF_TOKEN, MLFLOW_TRACKING_PASSWORD) holds a secret. Whole name parts, so
-# TOKENIZERS_PARALLELISM is not one.
-_SECRET_NAME = re.compile(r"(^|_)[A-Z0-9]*(KEY|TOKEN|SECRET|PASSWORD|PASSWD)S?(_|$)", re.I)
-REDACTED = "***"
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable of this name holds a credential."""
-    return bool(_SECRET_NAME.search(name))
-
-
-def redacted_config(config: Config) -> dict[str, Any]:
-    """The config as plain data, safe to write or send to a tracker.
-
-    slurm.env values of secret-named variables become '***', and so does any text that
-    contains the value of a secret variable of this process's environment (a token pasted
-    into a path or URL).
-    """
-    data = config.model_dump(mode="json")
-    for name in data["slurm"]["env"]:
-        if is_secret_name(name):
-            data["slurm"]["env"][name] = REDACTED
-    # Short values ('1', 'true') would redact unrelated text; real credentials are long.
-    secrets = [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8]
-    return _without(data, secrets) if secrets else data
-
-
-def _without(value: Any, secrets: list[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _without(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without(v, secrets) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-    return value
-
-
-def dump_config(config: Config) -> str:
-    """The fully resolved config as YAML (what is written to the run directory), with
-    secrets redacted (see `redacted_config`)."""
-    return yaml.safe_dump(redacted_config(config), sort_keys=False, allow_unicode=True)

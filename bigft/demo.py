@@ -93,23 +93,27 @@ def _clear_previous_demo(output_dir: Path, console: Console) -> None:
 
 def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Make the base model, score it, fine-tune, score again, export, show generations."""
-    from bigft.config import load_config
+    from bigft.config_io import load_config
     from bigft.evaluate import exact_match
     from bigft.tiny import save_tiny_base
     from bigft.train import setup, train
     from bigft.validation import generation_examples
 
-    _clear_previous_demo(output_dir, console)
-    base = save_tiny_base(output_dir / "base-model", **BASE_MODEL)
+    # The config (with the user's overrides) is checked before anything is touched.
+    base_dir = output_dir / "base-model"
     cfg = load_config(
         DEMO_CONFIG,
         [
-            f"model.name_or_path={base}",
+            f"model.name_or_path={base_dir}",
             f"output_dir={output_dir}",
             "train.resume=never",
             *overrides,
         ],
     )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BigftError(f"--output-dir {output_dir} is a file; choose a directory path")
+    _clear_previous_demo(output_dir, console)
+    save_tiny_base(base_dir, **BASE_MODEL)
     run = setup(cfg, console)
     console.print(_plan_table(run))
 

@@ -203,6 +203,27 @@ def adopt_launcher_strategy(parallel: ParallelConfig) -> None:
             del env[key]
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch, the deepspeed launcher, bigft
+    launch) started this process: they all set LOCAL_RANK, which is also what accelerate
+    reads to set up a process group."""
+    return "LOCAL_RANK" in os.environ
+
+
+def require_launcher(strategy: str, command: str = "CONFIG") -> None:
+    """DeepSpeed and FSDP2 run only inside a process group, which a launcher sets up,
+    even for one process; a plain `python` start would crash in accelerate (CPU) or run
+    without the engine (GPU FSDP2). `command` is how the user started the run, so the
+    advice can repeat it."""
+    if strategy == "ddp" or launched():
+        return
+    raise ConfigError(
+        f"parallel.strategy {strategy} needs a distributed launcher, even for one process: "
+        f"run `bigft launch {command} --nproc N` (N processes per node, one per GPU; 1 is "
+        "fine), or set parallel.strategy=ddp for a plain single-process run"
+    )
+
+
 def _cpu_process_group() -> None:
     """FSDP2 on CPU: accelerate ignores the FSDP plugin when cpu=True, and with gloo but
     no cpu=True it runs unsharded and the ranks' weights diverge. Creating the shared
@@ -210,9 +231,9 @@ def _cpu_process_group() -> None:
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    state = PartialState(backend="gloo")
-    if state.num_processes > 1:
-        state.distributed_type = DistributedType.MULTI_GPU
+    # Even for one process (bigft launch --nproc 1): accelerate applies FSDP only to a
+    # multi-device state.
+    PartialState(backend="gloo").distributed_type = DistributedType.MULTI_GPU
 
 
 def offloads_optimizer_step(parallel: ParallelConfig) -> bool:
@@ -280,6 +301,7 @@ def build_accelerator(
     `log_with` names the experiment trackers (checked by `tracking.resolve_trackers`);
     `logging_dir` is where TensorBoard writes.
     """
+    require_launcher(parallel.strategy)
     cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = {
         "mixed_precision": resolve_precision(train.precision),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -143,18 +145,43 @@ def evaluate_labeled(
     return {"eval_loss": mean, **classification_metrics(logits_np, labels_np, label_names)}
 
 
-def load_scorer(spec: str) -> Any:
-    """The custom scorer named 'module:function' (eval.scorer)."""
+def load_scorer(spec: str) -> Callable[..., Any]:
+    """The custom scorer named 'module:function' (eval.scorer), checked to be a function
+    that can be called as `function(predictions, references)`."""
     import importlib
+    import inspect
 
     from bigft.errors import ConfigError
 
     module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name.isidentifier():
+        raise ConfigError(f"eval.scorer '{spec}': write it as 'module:function'")
+    # A scorer module beside the user's config is found in the working directory, which
+    # launched workers keep off the front of sys.path (PYTHONSAFEPATH): appended last, it
+    # can never shadow an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"eval.scorer: cannot import '{module_name}' ({exc})") from None
+    except Exception as exc:  # the module's own code failed (a SyntaxError, a NameError...)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ConfigError(f"eval.scorer: importing '{module_name}' failed: {reason}") from None
     scorer = getattr(module, func_name, None)
     if not callable(scorer):
         raise ConfigError(f"eval.scorer: '{module_name}' has no function '{func_name}'")
+    if inspect.isclass(scorer):
+        # Calling a class makes an instance, not the dict of metrics a scorer returns.
+        raise ConfigError(f"eval.scorer: '{spec}' is a class; name a function")
+    try:
+        signature = inspect.signature(scorer)
+    except (TypeError, ValueError):
+        return scorer  # a builtin without a readable signature: it is found at first use
+    try:
+        signature.bind(["prediction"], ["reference"])
+    except TypeError as exc:
+        raise ConfigError(
+            f"eval.scorer: '{spec}' cannot be called as {func_name}(predictions, references): {exc}"
+        ) from None
     return scorer

@@ -1,80 +1,198 @@
 """`bigft eval`: which config scores which model on which rows.
 
 A run directory is scored with its own resolved config (task, data format, templates,
-seq_len) and its exported model; a bare model directory needs `--data` and, for
-classification or regression, `--task`.
+seq_len, method) and its exported model, RUN/final: a full model, or a peft adapter
+that is loaded onto the run's base (4-bit again for QLoRA). A bare model or adapter
+directory needs `--data` and, for classification or regression, `--task`.
+
+`--data FILE` becomes the training split with nothing held out, and that split is
+scored (reported as "test"). Declared as a separate test file beside itself as train,
+every row would be dropped from test as a duplicate of a training row.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from bigft.config import Config, load_config
-from bigft.errors import BigftError
+from bigft.config import TASK_METRICS, Config, DataConfig
+from bigft.config_io import load_config
+from bigft.errors import BigftError, DataError, require
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes
 
-def evaluation_config(
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What `bigft eval` scores.
+
+    `file_rows`: the rows of `--data`, prepared as the training split, are scored as the
+    test split. `adapter` is a peft adapter directory loaded onto cfg.model; `run_data`
+    is the data section a run trained on, whose labels fix a classification adapter's
+    class ids.
+    """
+
+    cfg: Config
+    splits: tuple[str, ...]
+    file_rows: bool = False
+    adapter: Path | None = None
+    run_data: DataConfig | None = None
+
+
+@contextmanager
+def evaluation_job(
     target: Path, data: str | None, task: str | None, overrides: list[str]
-) -> tuple[Config, tuple[str, ...]]:
-    """(config, splits to score) for `bigft eval TARGET [--data FILE] [--task T]`."""
+) -> Iterator[EvalJob]:
+    """The job for `bigft eval TARGET [--data FILE] [--task T]`, validated.
+
+    A bare model directory is described by a config written to a temporary directory,
+    which is removed when the context exits.
+    """
+    if task is not None and task not in TASK_METRICS:
+        raise BigftError(f"--task {task}: unknown task; use one of {', '.join(TASK_METRICS)}")
+    if data is not None and not data.startswith("hub:") and not Path(data).expanduser().exists():
+        raise BigftError(f"--data {data}: file not found")
+    run_dir = _run_of(target)
+    if run_dir is not None:
+        yield _run_job(run_dir, data, task, overrides)
+        return
+    with tempfile.TemporaryDirectory(prefix="bigft-eval-") as scratch:
+        yield _model_job(target, data, task, overrides, Path(scratch))
+
+
+def _run_of(target: Path) -> Path | None:
+    """The run directory TARGET is, or whose exported adapter it is (an adapter is scored
+    with its run's settings: the base, 4-bit or not, and the class names)."""
     if (target / "config.yaml").is_file():
-        model = target / "final"
-        if not (model / "config.json").is_file():
-            raise BigftError(
-                f"{target}: no exported model in {model} (train with checkpoint.export=true, "
-                "or pass the model directory itself)"
-            )
-        extra = [f"model.name_or_path={model}", "train.resume=never"]
-        if task is not None:
-            extra.append(f"task={task}")
-        if data is not None:
-            rows = Path(data).resolve()
-            extra += [f"data.train={rows}", f"data.test={rows}", "data.validation=null"]
-            extra += ["data.split.train=1.0", "data.split.validation=0", "data.split.test=0"]
-        cfg = load_config(target / "config.yaml", [*extra, *overrides])
-        return cfg, ("test",) if data is not None else ("validation", "test")
-    if not (target / "config.json").is_file():
+        return target
+    parent = target.resolve().parent
+    if (target / ADAPTER_CONFIG).is_file() and (parent / "config.yaml").is_file():
+        return parent if (parent / "final").resolve() == target.resolve() else None
+    return None
+
+
+def _file_rows(data: str) -> dict[str, Any]:
+    """The data section's values that make FILE the whole training split."""
+    return {
+        "train": str(Path(data).expanduser().resolve()),
+        "validation": None,
+        "test": None,
+        "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+    }
+
+
+def _as_overrides(values: dict[str, Any], prefix: str) -> list[str]:
+    """`key=value` overrides for nested `values`; each value is written as JSON, which
+    YAML reads back exactly (a path such as `/runs/a: b` or `/data/null` stays a path)."""
+    items: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            items += _as_overrides(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={json.dumps(value)}")
+    return items
+
+
+def _run_job(run_dir: Path, data: str | None, task: str | None, overrides: list[str]) -> EvalJob:
+    final = run_dir / "final"
+    adapter = (final / ADAPTER_CONFIG).is_file()
+    if not adapter and not (final / "config.json").is_file():
+        raise BigftError(
+            f"{run_dir}: no exported model in {final} (train with checkpoint.export=true, "
+            "or pass the model directory itself)"
+        )
+    values: dict[str, Any] = {"train": {"resume": "never"}, "model": {}}
+    if not adapter:  # an adapter goes onto the base the run names
+        values["model"]["name_or_path"] = str(final)
+    if (final / "tokenizer_config.json").is_file():
+        values["model"]["tokenizer"] = str(final)  # the tokenizer the run trained with
+    if task is not None:
+        values["task"] = task
+    path, loaded = run_dir / "config.yaml", final if adapter else None
+    cfg = load_config(path, [*_as_overrides(values, ""), *overrides])
+    if data is None:
+        return EvalJob(cfg, ("validation", "test"), adapter=loaded)
+    values["data"] = _file_rows(data)
+    scored = load_config(path, [*_as_overrides(values, ""), *overrides])
+    return EvalJob(scored, ("test",), True, loaded, cfg.data)
+
+
+def _model_job(
+    target: Path, data: str | None, task: str | None, overrides: list[str], scratch: Path
+) -> EvalJob:
+    adapter = (target / ADAPTER_CONFIG).is_file()
+    if not adapter and not (target / "config.json").is_file():
         raise BigftError(f"{target}: neither a bigft run directory nor a model directory")
     if data is None:
         raise BigftError(f"{target} is a model directory: pass --data FILE to score it on")
-    scratch = Path(tempfile.mkdtemp(prefix="bigft-eval-"))
+    model: dict[str, Any] = {"name_or_path": str(target.resolve())}
+    method: dict[str, Any] = {}
+    if adapter:
+        model["name_or_path"] = _adapter_base(target)
+        method["name"] = "lora"  # what load_dtype needs to know: a frozen base
+        if (target / "tokenizer_config.json").is_file():
+            model["tokenizer"] = str(target.resolve())
     config: dict[str, Any] = {
         "task": task or "causal_lm",
-        "model": {"name_or_path": str(target.resolve())},
-        "data": {
-            "train": str(Path(data).resolve()),
-            "test": str(Path(data).resolve()),
-            "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
-        },
+        "model": model,
+        "method": method,
+        "data": _file_rows(data),
         "logging": {"progress_bar": False},
-        "output_dir": str(scratch),
+        "output_dir": str(scratch),  # nothing is written: metrics are not logged
     }
     path = scratch / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
-    return load_config(path, overrides), ("test",)
+    cfg = load_config(path, overrides)
+    return EvalJob(cfg, ("test",), True, target if adapter else None)
 
 
-def run_evaluation(cfg: Config, splits: tuple[str, ...], console: Console) -> dict[str, Any]:
-    """`bigft eval`: score cfg.model on the configured validation / test data, no training.
+def _adapter_base(adapter: Path) -> str:
+    """The base model an adapter directory was trained on, from its adapter_config.json."""
+    file = adapter / ADAPTER_CONFIG
+    try:
+        base = json.loads(file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise BigftError(f"{file}: names no base_model_name_or_path; score its run directory")
+    if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
+        raise BigftError(
+            f"{file}: its base model {base} is not there any more; score its run directory, "
+            "or restore the base"
+        )
+    return base
 
-    A classification model's own label names (config.id2label) fix the class ids, so
-    labels in the data are matched by name, as they were in training.
+
+def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
+    """`bigft eval`: score the job's model on its splits, no training.
+
+    Class ids follow the names the model was trained with: a full classification
+    model's config.id2label, or for an adapter the run's data.label_names or training
+    labels; otherwise the labels of the scored rows.
     """
     from bigft.data import prepare_data
     from bigft.data.labeled import prepare_labeled
-    from bigft.distributed import batch_layout, build_accelerator, world_size_from_env
+    from bigft.distributed import batch_layout, build_accelerator, launched, world_size_from_env
     from bigft.model import load_model, load_tokenizer
     from bigft.tracking import MetricsLog
     from bigft.train import Run
     from bigft.validation import evaluate_split
 
+    cfg = job.cfg
+    if not launched():
+        # The exported model is a plain directory: one process scores it without the
+        # DeepSpeed / FSDP2 engine the run trained with (which needs a launcher).
+        cfg.parallel.strategy = "ddp"
     layout = batch_layout(cfg.train, world_size_from_env(), None)
     accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
     tokenizer = load_tokenizer(cfg.model)
@@ -83,13 +201,27 @@ def run_evaluation(cfg: Config, splits: tuple[str, ...], console: Console) -> di
         data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
     else:
         if cfg.task == "classification" and cfg.data.label_names is None:
-            cfg.data.label_names = _model_label_names(cfg.model.name_or_path)
+            cfg.data.label_names = _trained_label_names(job)
         data, label_names = prepare_labeled(
             cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
         )
+    quant = cfg.method.quant if job.adapter is not None and cfg.method.name == "qlora" else None
     model = load_model(
-        cfg.model, cfg.train.precision, None, cfg.task, label_names, tokenizer.pad_token_id
+        cfg.model,
+        cfg.train.precision,
+        quant,
+        cfg.task,
+        label_names,
+        tokenizer.pad_token_id,
+        method=cfg.method.name if job.adapter is not None else "full",
     )
+    if job.adapter is not None:
+        require("peft", "lora", "scoring an adapter")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(job.adapter))
+    if job.file_rows:
+        data.validation, data.test = None, data.train
     model = accelerator.prepare(model)
     run = Run(
         cfg,
@@ -107,10 +239,24 @@ def run_evaluation(cfg: Config, splits: tuple[str, ...], console: Console) -> di
         console,
         label_names=label_names,
     )
-    results = {split: evaluate_split(run, split) for split in splits if getattr(data, split)}
+    results = {split: evaluate_split(run, split) for split in job.splits if getattr(data, split)}
     if not results:
-        raise BigftError(f"no {' or '.join(splits)} rows to evaluate: pass --data FILE")
+        raise BigftError(f"no {' or '.join(job.splits)} rows to evaluate: pass --data FILE")
     return results
+
+
+def _trained_label_names(job: EvalJob) -> list[str] | None:
+    """The class names in the order the model's head was trained with, when known."""
+    if job.adapter is None:
+        return _model_label_names(job.cfg.model.name_or_path)
+    if job.run_data is None:
+        return None
+    from bigft.data.labeled import label_names_from
+
+    try:
+        return label_names_from(job.run_data)
+    except DataError:
+        return None  # the training files are gone: the scored rows' labels decide
 
 
 def _model_label_names(model_dir: str) -> list[str] | None:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bigft.checkpoint import current_umask, share_like_other_files
-from bigft.config import Config, load_config
+from bigft.config import Config
+from bigft.config_io import load_config
 from bigft.errors import BigftError, require
-from bigft.rundir import holds_run
+from bigft.rundir import holds_run, resolved
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def merged_model(cfg: Config, adapter_dir: Path) -> Any:
 def check_destination(run_dir: Path, out: Path, overwrite: bool) -> bool:
     """Refuse an `--out` whose contents the export would destroy; True when an existing
     directory is to be replaced."""
-    target, run = out.expanduser().resolve(), run_dir.resolve()
+    target, run = resolved(out, "--out"), resolved(run_dir, "run directory")
     protected = {Path.cwd().resolve(): "the working directory", Path.home().resolve(): "your home"}
     if target == run or target in run.parents:
         what = "the run directory" if target == run else f"a folder holding the run {run_dir}"
@@ -109,7 +110,7 @@ def export_run(
     run_dir, out = Path(run_dir), Path(out).expanduser()
     final = find_final(run_dir)
     is_adapter = (final / ADAPTER_CONFIG).is_file()
-    if out.resolve() == final.resolve():
+    if resolved(out, "--out") == final.resolve():
         raise BigftError(f"--out {out} is the run's own final model; choose another directory")
     replace = check_destination(run_dir, out, overwrite)
     cfg = load_run_config(run_dir) if is_adapter and merge else None

@@ -11,6 +11,10 @@ and observe what the run did (the rows each rank saw, each rank's full weights).
     BIGFT_TEST_CRASH_IN_SAVE=4       the process dies (exit 137, as after SIGKILL) while it
                                      writes checkpoint step 4: after the engine's files,
                                      before trainer_state.json and the rename
+    BIGFT_TEST_CRASH_AT=end-evaluated the process dies (exit 137) at that point of the end
+                                     of a run: end-saved (final checkpoint written),
+                                     end-evaluated (final evaluation records written),
+                                     end-exported (final model written, no summary.json)
     BIGFT_TEST_SEEN_ROWS=DIR         each rank appends the rows it is handed to
                                      DIR/rows-rank<r>.jsonl (epoch, positions, row ids)
     BIGFT_TEST_WEIGHTS_DIGEST=1      summary.json gets a sha256 of each rank's full
@@ -32,6 +36,7 @@ import torch
 NONFINITE_STEPS = "BIGFT_TEST_NONFINITE_STEPS"
 NONFINITE_RANK = "BIGFT_TEST_NONFINITE_RANK"
 CRASH_IN_SAVE = "BIGFT_TEST_CRASH_IN_SAVE"
+CRASH_AT = "BIGFT_TEST_CRASH_AT"
 SEEN_ROWS = "BIGFT_TEST_SEEN_ROWS"
 WEIGHTS_DIGEST = "BIGFT_TEST_WEIGHTS_DIGEST"
 
@@ -51,6 +56,12 @@ def nonfinite_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 def crash_in_save(step: int) -> None:
     """Die without cleanup, mid-checkpoint, when the test asks for it at this step."""
     if os.environ.get(CRASH_IN_SAVE) == str(step):
+        os._exit(137)
+
+
+def crash_at(point: str) -> None:
+    """Die without cleanup at a named point of the run, when the test asks for it."""
+    if os.environ.get(CRASH_AT) == point:
         os._exit(137)
 
 

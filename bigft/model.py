@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +28,137 @@ def _looks_local(name: str) -> bool:
 
 def _check_source(name: str, what: str) -> None:
     """A local path that does not exist is a typo, not a hub id: say so before transformers."""
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise ModelError(f"{what} '{name}': directory not found")
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise ModelError(
+            f"{what} '{name}': directory not found; check the path (a hub id such as "
+            "org/model has no leading '/', '.' or '~')"
+        )
+    if _looks_local(name) and not path.is_dir():
+        raise ModelError(
+            f"{what} '{name}' is a file, not a model directory; give the directory that "
+            "holds config.json and the weights"
+        )
+
+
+# What transformers tokenizers are saved as (vocabularies, sentencepiece and tiktoken
+# models, their configs: byte-level tokenizers have a config alone); a directory with
+# none of them holds no tokenizer at all.
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "*.model",
+    "*.spm",
+    "*.tiktoken",
+)
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter: transformers loads its base
+
+
+def check_model_dir(
+    name: str, what: str = "model.name_or_path", allow_pickle: bool = False
+) -> None:
+    """File-level checks of a local model directory, before transformers reads it.
+
+    A missing directory, a missing or unparsable config.json, no weights, pickled weights
+    (unless `allow_pickle`), and a 0-byte or truncated safetensors file are each a
+    one-line ModelError naming `what` (the config key) and the file. transformers would
+    otherwise fail deep inside loading, or blame the tokenizer, which it reads first. Hub
+    ids are left to transformers.
+    """
+    _check_source(name, what)
+    path = Path(name).expanduser()
+    if not _looks_local(name):
+        return
+    config = path / "config.json"
+    if not config.is_file() and (path / ADAPTER_CONFIG).is_file():
+        return  # the base it names is checked by transformers
+    if not config.is_file():
+        raise ModelError(
+            f"{what} '{name}' has no config.json; give a directory written by "
+            "save_pretrained (config.json beside the weights)"
+        )
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(
+            f"{what} '{name}': {config.name} is not valid JSON ({_first_line(exc)}); restore it "
+            "from the original model"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ModelError(
+            f"{what} '{name}': {config.name} does not hold a JSON object; restore it from "
+            "the original model"
+        )
+    _check_weights_format(name, allow_pickle, what)
+    _check_weight_files(path, name, what)
+
+
+def _check_weight_files(path: Path, name: str, what: str) -> None:
+    """Every safetensors file (and each shard an index names) is present and whole."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("pytorch_model*.bin")):
+        raise ModelError(
+            f"{what} '{name}' holds no weights (model.safetensors); give the directory the "
+            "model was saved to with save_pretrained"
+        )
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(
+                f"{what} '{name}': {index.name} is not a valid shard index; copy or download "
+                "the model again"
+            ) from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ModelError(
+                f"{what} '{name}': {missing[0]} is missing (listed in {index.name}); copy or "
+                "download the model again"
+            )
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise ModelError(f"{what} '{name}': {problem}; copy or download the model again")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a whole safetensors file, or None: a cheap check (the header
+    alone is read) that its header parses and the tensors it declares end exactly at the
+    end of the file, which a 0-byte, truncated or overwritten file fails."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as fh:
+            prefix = fh.read(8)
+            if size == 0:
+                return f"{file.name} is empty (0 bytes)"
+            if len(prefix) < 8:
+                return f"{file.name} is truncated ({size} bytes, shorter than a header)"
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                return (
+                    f"{file.name} is truncated ({size} bytes; its header alone declares "
+                    f"{header_len + 8})"
+                )
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        return f"{file.name} cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, ValueError):
+        return f"{file.name} is not a safetensors file (its header is not valid JSON)"
+    try:
+        end = max(
+            (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return f"{file.name} is not a safetensors file (its header lists no tensor offsets)"
+    expected = 8 + header_len + end
+    if size < expected:
+        return f"{file.name} is truncated ({size} bytes; its header declares {expected})"
+    if size > expected:
+        return f"{file.name} is corrupt ({size} bytes; its header declares {expected})"
+    return None
 
 
 # Attention implementations bigft selects, and the class flag that says a transformers
@@ -139,11 +270,18 @@ def attention_summary(model: Any) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    """Tokenizer from model.tokenizer (or the model's directory), with a pad token."""
+    """Tokenizer from model.tokenizer (or the model's directory), with a pad token.
+
+    The model directory is checked first (`check_model_dir`): transformers reads its
+    config.json to pick the tokenizer class, and would blame a broken one on the tokenizer.
+    """
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
-    _check_source(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    what = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    if cfg.tokenizer is None:
+        check_model_dir(cfg.name_or_path, what, cfg.allow_pickle)
+    _check_tokenizer_files(name, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -157,6 +295,98 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             raise ModelError(f"tokenizer '{name}' has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _check_tokenizer_files(name: str, what: str) -> None:
+    """A local tokenizer source must hold a tokenizer (a fine-tuned model saved without
+    one is a common slip); its config.json, if any, must parse."""
+    _check_source(name, what)
+    path = Path(name).expanduser()
+    if not _looks_local(name):
+        return
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ModelError(
+                f"{what} '{name}': {config.name} is not valid JSON ({_first_line(exc)}); "
+                "restore it from the original model"
+            ) from None
+    if not any(f.is_file() for pattern in TOKENIZER_FILES for f in path.glob(pattern)):
+        hint = (
+            "set model.tokenizer to the directory of the tokenizer it was trained with (e.g. "
+            "its base model), or save the tokenizer into it (tokenizer.save_pretrained)"
+            if what == "model.name_or_path"
+            else "point model.tokenizer at a directory that holds one"
+        )
+        raise ModelError(
+            f"{what} '{name}' holds no tokenizer (no tokenizer.json, tokenizer.model, "
+            f"vocab.json or the like); {hint}"
+        )
+
+
+def context_limit(config: Any) -> tuple[int, str] | None:
+    """(positions the model can attend over, where that number comes from) read from a
+    transformers config, or None when the config states no limit.
+
+    Rope scaling counts: a linear / dynamic / yarn factor stretches max_position_embeddings
+    unless the config already states the stretched length (llama3, or an
+    original_max_position_embeddings below it).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            break
+    else:
+        return None
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return value, attr
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    factor = rope.get("factor")
+    original = rope.get("original_max_position_embeddings")
+    stretched = isinstance(original, int) and original < value
+    if kind in ("default", "llama3") or not isinstance(factor, int | float) or stretched:
+        return value, attr
+    if factor <= 1:
+        return value, attr
+    return int(value * factor), f"{attr} {value} x rope factor {factor}"
+
+
+def check_model_config(cfg: ModelConfig, seq_len: int, what: str = "model.name_or_path") -> None:
+    """The model's configuration loads (an unknown architecture, code it ships that is not
+    trusted: the same ModelError loading would give, before any data is read or file
+    written), and train.seq_len fits its positions.
+
+    bigft refuses a train.seq_len beyond the model's position limit (`context_limit` of its
+    config.json): learned position embeddings fail with an index error past it, and
+    rotary models degrade silently; the message says to lower seq_len or configure rope
+    scaling.
+    """
+    from transformers import AutoConfig
+
+    local = Path(cfg.name_or_path).expanduser()
+    if _looks_local(cfg.name_or_path) and not (local / "config.json").is_file():
+        return  # a PEFT adapter directory: its base is read when the model loads
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg, exc, what) from None
+    found = context_limit(config)
+    if found is None or seq_len <= found[0]:
+        return
+    limit, source = found
+    raise ModelError(
+        f"train.seq_len {seq_len} is longer than model '{cfg.name_or_path}' supports: "
+        f"{limit} positions ({source} in its config.json); lower train.seq_len to {limit} or "
+        "less, or extend the model's context with rope scaling in its config.json "
+        '(rope_scaling, e.g. {"rope_type": "linear", "factor": 2.0}) if it uses '
+        "rotary positions"
+    )
 
 
 def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
@@ -229,6 +459,7 @@ def load_model(
     pad_token_id: int | None = None,
     from_rank0: bool = False,
     method: str = "full",
+    what: str = "model.name_or_path",
 ) -> Any:
     """The model from a local directory or hub id, in the dtype `load_dtype` picks.
 
@@ -244,13 +475,16 @@ def load_model(
     the model (FSDP2 with parallel.fsdp_cpu_ram_efficient_loading), so the other ranks
     build the model without reading any weight (see `_empty_model`). 4-bit models are
     always read by every rank: accelerate does not broadcast them.
+
+    `what` names the config key the model comes from (distill.teacher for a teacher) in
+    errors; the directory is checked first (`check_model_dir`).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from bigft._compat import disable_bnb_cpu_repack
 
-    _check_source(cfg.name_or_path, "model.name_or_path")
-    _check_weights_format(cfg.name_or_path, cfg.allow_pickle)
+    check_model_dir(cfg.name_or_path, what, cfg.allow_pickle)
     dtype = load_dtype(cfg.dtype, precision, method, quant)
     extra = quantization_kwargs(quant) if quant is not None else {}
     auto_class: Any = AutoModelForCausalLM
@@ -275,8 +509,16 @@ def load_model(
                     use_safetensors=None if cfg.allow_pickle else True,
                     **extra,
                 )
-    except (OSError, ValueError) as exc:
-        raise _load_error(cfg, exc) from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise _load_error(cfg, exc, what) from None
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        # A weight whose shape config.json contradicts (vocab_size, hidden_size edited).
+        raise ModelError(
+            f"{what}: the weights of '{cfg.name_or_path}' do not have the shapes its "
+            "config.json declares (e.g. vocab_size); restore the config.json saved with them"
+        ) from None
     if quant is not None:
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # training; generation turns it back on explicitly
@@ -350,7 +592,7 @@ def _empty_model(
     return model
 
 
-def _check_weights_format(name: str, allow_pickle: bool) -> None:
+def _check_weights_format(name: str, allow_pickle: bool, what: str = "model.name_or_path") -> None:
     """A local model whose weights exist only as pickles is refused before transformers
     sees it, with the one-line conversion; hub ids are checked by `use_safetensors`."""
     path = Path(name).expanduser()
@@ -363,13 +605,13 @@ def _check_weights_format(name: str, allow_pickle: bool) -> None:
             f"M.from_pretrained('{name}').save_pretrained('{name}')\""
         )
         raise ModelError(
-            f"model.name_or_path '{name}' holds its weights only as a pickle ({pickled[0]}), "
+            f"{what} '{name}' holds its weights only as a pickle ({pickled[0]}), "
             f"which can run code when loaded; convert it once, where you trust the file "
             f"({convert}), or set model.allow_pickle=true"
         )
 
 
-def _load_error(cfg: ModelConfig, exc: BaseException) -> ModelError:
+def _load_error(cfg: ModelConfig, exc: BaseException, what: str) -> ModelError:
     """transformers' loading errors, reworded where bigft's own settings are the cause."""
     text = str(exc)
     name = cfg.name_or_path
@@ -381,7 +623,7 @@ def _load_error(cfg: ModelConfig, exc: BaseException) -> ModelError:
     hint = ""
     if "safetensors" in text and not cfg.allow_pickle:
         hint = " (bigft loads safetensors weights only unless model.allow_pickle=true)"
-    return ModelError(f"cannot load model '{name}': {_first_line(exc)}{hint}")
+    return ModelError(f"{what}: cannot load model '{name}': {_first_line(exc)}{hint}")
 
 
 def _head_kwargs(label_names: list[str] | None, pad_token_id: int | None) -> dict[str, Any]:

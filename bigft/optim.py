@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bigft.config import OptimConfig, ScheduleConfig
-from bigft.errors import BigftError, require
+from bigft.errors import BigftError, ConfigError, require
 from bigft.methods import find_decoder_layers, layer_index
 
 log = logging.getLogger(__name__)
@@ -262,9 +262,22 @@ def build_optimizer(
     return optimizer
 
 
+def check_warmup(cfg: ScheduleConfig, total_steps: int) -> None:
+    """schedule.warmup_steps must fit in the run. Config validation checks it against
+    train.steps; a run of train.epochs learns its length only from the data, so this
+    check runs again once it is known."""
+    if cfg.warmup_steps is not None and cfg.warmup_steps > total_steps:
+        raise ConfigError(
+            f"schedule.warmup_steps: {cfg.warmup_steps} warmup steps in a run of "
+            f"{total_steps} optimizer steps; lower it, or use schedule.warmup_ratio"
+        )
+
+
 def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
+    """Optimizer steps of linear warmup: schedule.warmup_steps, else warmup_ratio of the run."""
+    check_warmup(cfg, total_steps)
     if cfg.warmup_steps is not None:
-        return min(cfg.warmup_steps, total_steps)
+        return cfg.warmup_steps
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
@@ -289,7 +302,10 @@ def schedule_factor(step: int, name: str, warmup: int, total: int, min_ratio: fl
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup, then linear / cosine (to min_lr_ratio) / constant (`schedule_factor`)."""
+    """Linear warmup, then linear / cosine (to min_lr_ratio) / constant (`schedule_factor`).
+
+    Raises ConfigError when schedule.warmup_steps is longer than the run (`check_warmup`).
+    """
     warmup = warmup_steps(cfg, total_steps)
     factor = functools.partial(
         schedule_factor,

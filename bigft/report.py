@@ -126,18 +126,20 @@ def load_run(run_dir: str | Path) -> Run:
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Records and the number of unreadable lines (a kill can cut the last line short)."""
     records, skipped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8
             skipped += 1
             continue
         if isinstance(record, dict):
             records.append(record)
         else:
             skipped += 1
+    if skipped and not records:
+        raise BigftError(f"'{path}' holds no JSON records: is it a bigft metrics file?")
     return records, skipped
 
 

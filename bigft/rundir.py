@@ -25,6 +25,19 @@ LOCK = ".bigft.lock"
 _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "final")
 
 
+def resolved(path: Path, what: str) -> Path:
+    """`path` made absolute with symlinks followed and `~` expanded; a path the file
+    system cannot follow (a symlink loop, a name too long) is the user's to fix."""
+    try:
+        full = path.expanduser().resolve()
+        full.exists()  # raises for what resolve() lets through (a name too long)
+        return full
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise BigftError(f"{what} {path}: a symlink loop; point it at a real directory") from None
+    except OSError as exc:
+        raise BigftError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
 def holds_run(path: Path) -> bool:
     """Whether `path` holds a bigft run: its resolved config beside outputs of training."""
     return (path / "config.yaml").is_file() and any((path / o).exists() for o in _RUN_OUTPUTS)

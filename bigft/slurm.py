@@ -30,15 +30,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from bigft import __version__
-from bigft.config import (
-    Config,
-    SlurmConfig,
-    dump_config,
-    is_secret_name,
-    load_config,
-    parse_override,
-)
+from bigft.config import Config, SlurmConfig
+from bigft.config_io import dump_config, is_secret_name, load_config, parse_override
 from bigft.errors import BigftError, ConfigError
+from bigft.launcher import checkout_on_path
 from bigft.tracking import read_metrics
 
 if TYPE_CHECKING:
@@ -152,7 +147,14 @@ def job_env(s: SlurmConfig, accelerate_config: str | None = None) -> list[tuple[
         env.append(("NCCL_DEBUG", s.nccl_debug))
     if s.nccl_heartbeat_timeout_s:
         env.append(("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(s.nccl_heartbeat_timeout_s)))
-    env += [(k, None if is_secret_name(k) else v) for k, v in sorted(s.env.items())]
+    exported = dict(s.env)
+    checkout = checkout_on_path()
+    if checkout is not None:
+        # Jobs start Python with PYTHONSAFEPATH=1 (slurm_node.sh): an uninstalled checkout
+        # reaches them only through PYTHONPATH, as an install would through site-packages.
+        inherited = exported.get("PYTHONPATH", "").split(os.pathsep)
+        exported["PYTHONPATH"] = os.pathsep.join([str(checkout), *filter(None, inherited)])
+    env += [(k, None if is_secret_name(k) else v) for k, v in sorted(exported.items())]
     env += [
         ("BIGFT_PYTHON", s.python or sys.executable),
         ("BIGFT_LAUNCHER", s.launcher),
@@ -327,22 +329,72 @@ def last_job(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "slurm" / "job.json"
     if not path.is_file():
         raise BigftError(f"{run_dir}: no Slurm job was submitted from here ({path} missing)")
-    return dict(json.loads(path.read_text())["jobs"][-1])
+    try:
+        return dict(json.loads(path.read_bytes())["jobs"][-1])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BigftError(
+            f"{path}: not a job record bigft wrote (unreadable or edited); submit again"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------
 # Sweeps: one job array, one resolved config and run directory per grid point.
 
 
+def _grid_value(key: str, text: str) -> tuple[str, Any]:
+    """A grid value as the config will read it, so `1e-4` and `0.0001` are one value
+    (tagged with its kind: `true` and `1` are not)."""
+    value = parse_override(f"{key}={text}")[1]
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML reads 1e-4 (no dot) as text; the config a float
+        except ValueError:
+            return "text", value
+    if isinstance(value, bool) or value is None:
+        return "constant", value
+    if isinstance(value, int | float):
+        return "number", float(value)
+    return "structure", json.dumps(value, sort_keys=True, default=str)
+
+
 def expand_grid(grids: list[str]) -> list[list[str]]:
-    """['optim.lr=1e-4,2e-4', 'train.seed=1,2'] -> the 4 override lists of the product."""
+    """['optim.lr=1e-4,2e-4', 'train.seed=1,2'] -> the 4 override lists of the product.
+
+    Refused: output_dir (every point trains in its own `<output_dir>/task-NNN`), slurm.*
+    (all points run in one job array with one request), a key given twice, a value
+    listed twice (two identical runs).
+    """
     axes = []
+    keys: set[str] = set()
     for item in grids:
         parse_override(item)  # validates the key=value shape
         key, _, values = item.partition("=")
+        if key == "output_dir":
+            raise ConfigError(
+                f"--grid {item}: each grid point already trains in its own run directory "
+                "(<output_dir>/task-NNN); set output_dir once, as the sweep's directory"
+            )
+        if key.split(".")[0] == "slurm":
+            raise ConfigError(
+                f"--grid {item}: all grid points run in one Slurm job array with one "
+                f"request; set {key} once (or submit separate sweeps)"
+            )
+        if key in keys:
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid")
+        keys.add(key)
         choices = [v.strip() for v in values.split(",") if v.strip()]
         if not choices:
             raise ConfigError(f"--grid {item}: no values (expected key=v1,v2,...)")
+        seen: dict[tuple[str, Any], str] = {}
+        for choice in choices:
+            value = _grid_value(key, choice)
+            if value in seen:
+                same = "" if seen[value] == choice else f" ({seen[value]} and {choice} are equal)"
+                raise ConfigError(
+                    f"--grid {item}: {key}={choice} is listed twice{same}; each grid point "
+                    "would run twice"
+                )
+            seen[value] = choice
         axes.append([f"{key}={v}" for v in choices])
     return [list(point) for point in itertools.product(*axes)]
 

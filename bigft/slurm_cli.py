@@ -8,12 +8,15 @@ logic (pydantic, jinja2) is imported inside each command so `bigft --help` stays
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
+
+from bigft.errors import BigftError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,8 +70,27 @@ def _say(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
 
+def _overrides(items: list[str] | None) -> list[str]:
+    """The command line's overrides; a key given twice is refused (config imported late:
+    `bigft --help` stays fast)."""
+    from bigft.config_io import user_overrides
+
+    return user_overrides(items)
+
+
 def _flags(**values: Any) -> dict[str, Any]:
-    return {name: value for name, value in values.items() if value is not None}
+    """The slurm flags given, by config field name; those typer cannot check are checked
+    here, so a value sbatch would refuse fails before anything is written."""
+    given = {name: value for name, value in values.items() if value is not None}
+    mem = given.get("mem")
+    # sbatch --mem: a whole number, megabytes unless suffixed K, M, G or T; 0 = all memory.
+    if mem is not None and not re.fullmatch(r"\d+[KMGTkmgt]?", mem):
+        raise BigftError(
+            f"--mem {mem!r}: not a memory size sbatch accepts; use a whole number with an "
+            "optional K, M, G or T suffix (megabytes without), e.g. 480G, or 0 for all of "
+            "each node's memory"
+        )
+    return given
 
 
 @slurm_app.command()
@@ -96,7 +118,7 @@ def render(
         account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
         job_name=job_name,
     )  # fmt: skip
-    cfg = slurm.load_job_config(config, overrides or [], flags)
+    cfg = slurm.load_job_config(config, _overrides(overrides), flags)
     script = slurm.prepare_job(cfg, config)
     sys.stdout.write(script.read_text())
     _say(f"[green]wrote[/] {script}")
@@ -128,7 +150,7 @@ def submit(
         account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
         job_name=job_name,
     )  # fmt: skip
-    cfg = slurm.load_job_config(config, overrides or [], flags)
+    cfg = slurm.load_job_config(config, _overrides(overrides), flags)
     script = slurm.prepare_job(cfg, config)
     job_id = slurm.submit_script(script, script.parent, secrets=slurm.secret_env(cfg.slurm))
     print(job_id)
@@ -180,7 +202,7 @@ def sweep(
         ..., "--grid", "-g", help="key=v1,v2,...; repeat for a product grid."
     ),
     max_parallel: int | None = typer.Option(
-        None, "--max-parallel", min=1, help="Array tasks running at once (--array=...%K)."
+        None, "--max-parallel", help="Array tasks running at once (--array=...%K)."
     ),
     nodes: int | None = NODES,
     gpus_per_node: int | None = GPUS,
@@ -193,16 +215,19 @@ def sweep(
     """Submit one job array: one task, run directory and resolved config per grid point."""
     from bigft import slurm
 
+    if max_parallel is not None and max_parallel < 1:
+        raise BigftError(f"--max-parallel {max_parallel}: must be at least 1")
     flags = _flags(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
         account=account, qos=qos,
     )  # fmt: skip
-    script, n = slurm.prepare_sweep(config, overrides or [], grid, flags, max_parallel)
+    overrides = _overrides(overrides)
+    script, n = slurm.prepare_sweep(config, overrides, grid, flags, max_parallel)
     if dry_run:
         sys.stdout.write(script.read_text())
         _say(f"[green]wrote[/] {script} ({n} tasks); not submitted")
         return
-    base = slurm.load_job_config(config, overrides or [], flags)
+    base = slurm.load_job_config(config, overrides, flags)
     job_id = slurm.submit_script(
         script, script.parent, array_size=n, secrets=slurm.secret_env(base.slurm)
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import time
 import uuid
@@ -38,12 +39,34 @@ STATE_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN / inf float (in nested dicts, lists, tuples) made None:
+    JSON has no such numbers, and strict parsers reject Python's `NaN` / `Infinity`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """json.dumps that every JSON parser reads: non-finite floats become null."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
 class MetricsLog:
     """Append-only JSONL metrics; resumed runs keep appending to the same file.
 
     With an accelerator whose trackers were started (`start_tracking`), every record's
     scalars also go to the trackers: train records as `train/<key>`, evaluation records
-    as `<split>/<key>`, at the record's step.
+    as `<split>/<key>`, at the record's step. The file holds strict JSON (a NaN loss is
+    `null`); trackers get the values as they were.
+
+    A checkpoint records the file's length (`size`); resuming from it cuts the file back
+    to that length (`truncate`), so whatever the killed run logged after the checkpoint
+    (steps, evaluations, the end-of-run records) is logged once, by the resumed run.
     """
 
     def __init__(
@@ -75,12 +98,37 @@ class MetricsLog:
             os.replace(tmp, self.path)
         return dropped
 
+    def size(self) -> int:
+        """The file's length in bytes (0 when absent or on a process that does not log)."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        return self.path.stat().st_size
+
+    def truncate(self, size: int) -> bool:
+        """Cut the file back to its first `size` bytes, as it was when a checkpoint
+        recorded that length. False (nothing changed) when the file is shorter, or `size`
+        does not fall at the end of a line: then it is not the file the checkpoint saw."""
+        if not self.enabled:
+            return True
+        current = self.size()
+        if size > current:
+            return False
+        if size > 0:
+            with self.path.open("rb") as fh:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    return False
+        if size < current:
+            with self.path.open("r+b") as fh:
+                fh.truncate(size)
+        return True
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(strict_json(record) + "\n")
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(tracker_values(record), step=record.get("step"))
 

@@ -1,33 +1,35 @@
 """The training loop: one loop for every method and every engine.
 
-`setup()` builds and validates everything (config → tokenizer → data → model → optimizer)
-before anything is written; `train()` runs optimizer steps, each made of `grad_accum`
-micro-batches whose loss is normalized by the target tokens of the whole step.
+`setup()` builds and validates everything (config → tokenizer → data → model → optimizer
+→ the checkpoint to resume from) before anything is written; `train()` runs optimizer
+steps, each made of `grad_accum` micro-batches whose loss is normalized by the target
+tokens of the whole step.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bigft import checkpoint as ckpt
 from bigft import faults, preemption, rundir
-from bigft.config import Config, dump_config, redacted_config
+from bigft.config import Config
+from bigft.config_io import dump_config, redacted_config
 from bigft.data import (
     PreparedData,
     ShardedLoader,
@@ -54,12 +56,20 @@ from bigft.methods import apply_method
 from bigft.model import (
     attention_implementation,
     attention_summary,
+    check_model_config,
+    check_model_dir,
     count_parameters,
     load_model,
     load_tokenizer,
 )
 from bigft.optim import build_optimizer, build_scheduler, describe_groups
-from bigft.tracking import MetricsLog, resolve_trackers, start_tracking, tensorboard_dir
+from bigft.tracking import (
+    MetricsLog,
+    resolve_trackers,
+    start_tracking,
+    strict_json,
+    tensorboard_dir,
+)
 from bigft.validation import (
     best_text,
     evaluate_split,
@@ -70,6 +80,7 @@ from bigft.validation import (
 )
 
 Batch = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -96,13 +107,19 @@ class Run:
     teacher: Any = None  # distillation teacher (frozen, eval mode)
     best: dict[str, Any] = field(default_factory=dict)  # best eval.metric so far
     counters: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "targets": 0})
+    # Where this run resumed from, and why it will not match an uninterrupted run
+    # (carried through checkpoints, so later resumes still say so).
+    resumed: dict[str, Any] = field(default_factory=dict)
 
 
 def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) -> Run:
     """Validate and build everything; only then create the run directory.
 
-    `overwrite`: a previous run in output_dir is moved aside instead of refused (with
-    train.resume never) or continued."""
+    Every check a user can fix runs before the first write: the model and teacher
+    directories and train.seq_len against them, the data, output_dir (writable, space
+    for a checkpoint), optimizer and schedule, and the checkpoint to resume from (whole
+    and compatible). `overwrite`: a previous run in output_dir is moved aside instead of
+    refused (with train.resume never) or continued."""
     console = console or Console(stderr=True)
     adopt_launcher_strategy(cfg.parallel)
     layout = batch_layout(cfg.train, world_size_from_env(), _auto_micro_batch(cfg, console))
@@ -114,6 +131,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         layout = batch_layout(cfg.train, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = layout.grad_accum
     set_seed(cfg.train.seed)
+    _check_model_sources(cfg)
     tokenizer = load_tokenizer(cfg.model)
     label_names = None
     with accelerator.main_process_first():
@@ -166,35 +184,56 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     loader.collate = make_collator(cfg, tokenizer, attention_implementation(model))
     model = apply_method(model, cfg)
     check_fsdp_layers(model, cfg.parallel)
+    rundir.check_output_dir(Path(cfg.output_dir), cfg.train.resume, overwrite)
     ckpt.check_disk_space(cfg.output_dir, model, cfg.optim.name, cfg.checkpoint.export)
-    output_dir = _prepare_output_dir(cfg, accelerator, overwrite)
     optimizer = build_optimizer(model, cfg.optim, offloads_optimizer_step(cfg.parallel))
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator)
     # The scheduler is stepped by hand once per optimizer step (Accelerate would step it
     # once per process). Its state is saved in trainer_state.json, not registered with
     # Accelerate, which would pickle it and unpickle it with full trust on resume.
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    resume = _find_resume(cfg, accelerator, model, overwrite)
 
-    run = Run(
-        cfg,
-        accelerator,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        loader,
-        data,
-        layout,
-        total_steps,
-        output_dir,
-        start_tracking(accelerator, output_dir, cfg.logging, redacted_config(cfg)),
-        console,
-        label_names=label_names,
-        teacher=teacher,
-    )
-    _maybe_resume(run)
+    output_dir = _prepare_output_dir(cfg, accelerator, overwrite)  # the first write
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator)
+        run = Run(
+            cfg,
+            accelerator,
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            loader,
+            data,
+            layout,
+            total_steps,
+            output_dir,
+            start_tracking(accelerator, output_dir, cfg.logging, redacted_config(cfg)),
+            console,
+            label_names=label_names,
+            teacher=teacher,
+        )
+        _resume(run, resume)
+    except BaseException:
+        # What can still fail here (a checkpoint whose tensors do not fit the model)
+        # must not leave output_dir looking busy to the next attempt.
+        if accelerator.is_main_process:
+            rundir.release(output_dir)
+        raise
     return run
+
+
+def _check_model_sources(cfg: Config) -> None:
+    """The model's and the teacher's directories and configurations, and train.seq_len
+    against both, before the tokenizer (which would be blamed for a broken config.json),
+    any data, or any write (the teacher itself loads only after the student is prepared)."""
+    check_model_dir(cfg.model.name_or_path, "model.name_or_path", cfg.model.allow_pickle)
+    check_model_config(cfg.model, cfg.train.seq_len)
+    if cfg.distill.teacher is not None:
+        check_model_dir(cfg.distill.teacher, "distill.teacher", cfg.model.allow_pickle)
+        teacher = cfg.model.model_copy(update={"name_or_path": cfg.distill.teacher})
+        check_model_config(teacher, cfg.train.seq_len, "distill.teacher")
 
 
 def _load_teacher(
@@ -212,7 +251,13 @@ def _load_teacher(
         return None
     teacher_cfg = cfg.model.model_copy(update={"name_or_path": cfg.distill.teacher})
     teacher = load_model(
-        teacher_cfg, cfg.train.precision, None, cfg.task, label_names, pad_token_id
+        teacher_cfg,
+        cfg.train.precision,
+        None,
+        cfg.task,
+        label_names,
+        pad_token_id,
+        what="distill.teacher",
     )
     teacher.requires_grad_(False)
     teacher.eval()
@@ -257,7 +302,6 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator, overwrite: bool) 
     previous run aside when asked (`--overwrite`), take the directory's lock, write the
     resolved config. Every process reaches the same verdict before any acts."""
     out = Path(cfg.output_dir)
-    rundir.check_output_dir(out, cfg.train.resume, overwrite)
     failure: str | None = None
     notes: list[str] = []
     if accelerator.is_main_process:
@@ -285,24 +329,91 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator, overwrite: bool) 
     return out
 
 
-def _maybe_resume(run: Run) -> None:
+def _find_resume(
+    cfg: Config, accelerator: Accelerator, model: Any, overwrite: bool
+) -> ckpt.ResumePoint | None:
+    """The checkpoint to resume from, checked whole, compatible and (where its tensor
+    names can be read cheaply) fitting `model` before anything is written
+    (`ckpt.find_resume`); decided on the main process, so every process resumes from the
+    same one."""
+    out, resume = Path(cfg.output_dir), cfg.train.resume
+    if overwrite and rundir.holds_run(out):
+        if resume == "auto":
+            return None  # the previous run is moved aside: this one starts afresh
+        if Path(resume).absolute().is_relative_to(out.absolute()):
+            raise BigftError(
+                f"train.resume: '{resume}' lies inside output_dir '{out}', which --overwrite "
+                "moves aside; resume without --overwrite, or copy the checkpoint elsewhere"
+            )
+
+    def decide() -> ckpt.ResumePoint | None:
+        point = ckpt.find_resume(resume, out, accelerator.num_processes)
+        if point is not None:
+            ckpt.check_compatible(point.location, cfg.parallel.strategy, accelerator.num_processes)
+            ckpt.check_fits(point.location, model)
+        return point
+
+    return _decided_on_main(accelerator, decide)
+
+
+def _decided_on_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """`decide()` on the main process, its answer (or its BigftError) on every process."""
+    value: Any = None
+    failure: str | None = None
+    if accelerator.is_main_process:
+        try:
+            value = decide()
+        except BigftError as exc:
+            failure = str(exc)
+    if accelerator.num_processes > 1:
+        shared: list[Any] = [value, failure]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        value, failure = shared
+    if failure is not None:
+        raise BigftError(failure)
+    return value  # type: ignore[no-any-return]
+
+
+def _resume(run: Run, point: ckpt.ResumePoint | None) -> None:
+    """Clean up after a killed save, load the checkpoint `_find_resume` chose, and cut
+    metrics.jsonl back to what it held when that checkpoint was written."""
     for note in ckpt.clean_partial(run.accelerator, run.output_dir):
         say(run, note)
-    path = ckpt.resolve_resume(run.cfg.train.resume, run.output_dir)
-    if path is None:
+    main = run.accelerator.is_main_process
+    if point is None:
         # A run killed before its first checkpoint starts over: so does its log.
-        if run.accelerator.is_main_process:
+        if main:
             run.metrics.rewind(-1)
         return
-    ckpt.check_compatible(path, run.cfg.parallel.strategy, run.accelerator.num_processes)
-    state = ckpt.load_checkpoint(run.accelerator, path, run.cfg.model.allow_pickle)
+    for note in point.notes:
+        say(run, f"[yellow]{escape(note)}[/]")
+    state = ckpt.load_checkpoint(run.accelerator, point.path, run.cfg.model.allow_pickle)
     run.step = run.saved_step = int(state["step"])
     _restore_scheduler(run.scheduler, state.get("scheduler"), run.step)
     run.counters.update(state.get("counters", {}))
     run.best = state.get("best", {})
+    # The evaluation of the checkpoint's step (if any) stands for the end of the run, as
+    # it would have without the interruption.
+    run.last_eval = state.get("last_eval") or {}
     run.loader.load_state_dict(state["loader"])
-    run.metrics.rewind(run.step)  # steps after the checkpoint are about to run again
-    say(run, f"resumed from {path} at step {run.step}")
+    if main:
+        _rewind_metrics(run.metrics, state, run.step)
+    warnings = [*state.get("resume_warnings", []), *point.warnings]
+    run.resumed = {"from": str(point.path), "step": run.step, "warnings": warnings}
+    for warning in point.warnings:
+        say(run, f"[yellow]warning:[/] {escape(warning)}")
+    say(run, f"resumed from {escape(str(point.path))} at step {run.step}")
+
+
+def _rewind_metrics(metrics: MetricsLog, state: dict[str, Any], step: int) -> None:
+    """Cut metrics.jsonl back to its length when the checkpoint was written: what the
+    interrupted run logged after it (steps, evaluations, the end-of-run records) is
+    about to be logged again. Checkpoints that predate that record, or a log that is no
+    longer the one they saw, drop the records of later steps instead."""
+    size = state.get("metrics_bytes")
+    if isinstance(size, int) and metrics.truncate(size):
+        return
+    metrics.rewind(step)
 
 
 def _restore_scheduler(scheduler: Any, state: dict[str, Any] | None, step: int) -> None:
@@ -326,6 +437,9 @@ def _trainer_state(run: Run) -> dict[str, Any]:
         "scheduler": run.scheduler.state_dict(),
         "strategy": run.cfg.parallel.strategy,
         "world_size": run.accelerator.num_processes,
+        "metrics_bytes": run.metrics.size(),  # what a resume cuts metrics.jsonl back to
+        "last_eval": run.last_eval,
+        "resume_warnings": run.resumed.get("warnings", []),
     }
 
 
@@ -700,8 +814,16 @@ def _progress(run: Run) -> Progress:
 
 
 def _finish(run: Run) -> dict[str, Any]:
+    """The end of a run: the final checkpoint, evaluations, export and summary.json.
+
+    The checkpoint comes first: a run killed later in this phase resumes from it and
+    does the rest again, and the metrics it logged here are cut from metrics.jsonl
+    (they were logged after the checkpoint), so they appear once."""
     cfg = run.cfg
     loaded_best = load_best(run)
+    if cfg.checkpoint.every_steps and not loaded_best and run.saved_step != run.step:
+        _save_checkpoint(run)
+    faults.crash_at("end-saved")
     summary: dict[str, Any] = {
         "steps": run.step,
         "early_stopped": run.step < run.total_steps,
@@ -725,15 +847,18 @@ def _finish(run: Run) -> dict[str, Any]:
         )
     if run.data.test is not None:
         summary["test"] = evaluate_split(run, "test")
-    if cfg.checkpoint.every_steps and not loaded_best and run.saved_step != run.step:
-        _save_checkpoint(run)
+    faults.crash_at("end-evaluated")
+    if run.resumed:
+        summary["resume"] = run.resumed
     if cfg.checkpoint.export:
         final = ckpt.export_model(
             run.accelerator, run.model, run.tokenizer, run.output_dir / "final"
         )
         summary["final_model"] = str(final)
+    faults.crash_at("end-exported")
     if run.accelerator.is_main_process:
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        text = strict_json(summary, indent=2, default=str)  # NaN/inf become null
+        (run.output_dir / "summary.json").write_text(text)
     return summary
 
 

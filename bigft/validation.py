@@ -147,7 +147,13 @@ def evaluate_split(run: Run, split: str = "validation") -> dict[str, Any]:
             scorer = load_scorer(run.cfg.eval.scorer)
             predictions = [s["prediction"] for s in scored["samples"]]
             references = [s["reference"] for s in scored["samples"]]
-            result.update(scorer(predictions, references))
+            scores = scorer(predictions, references)
+            if not isinstance(scores, dict) or not all(isinstance(k, str) for k in scores):
+                raise BigftError(
+                    f"eval.scorer '{run.cfg.eval.scorer}' returned {type(scores).__name__}: "
+                    "it must return a dict of metric name -> number"
+                )
+            result.update(scores)
     if split == "validation":
         run.last_eval = result
     if result:

@@ -62,6 +62,11 @@ else
 fi
 
 export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port" NODE_RANK="$node_rank"
+# `python -m` puts the working directory (where the job was submitted) first on sys.path,
+# so a folder named bigft or torch there (a checkout's parent, a stale copy) would replace
+# the installed package in the launcher and in every training process it starts, which
+# inherit this variable. Python 3.11+ leaves the working directory out under it.
+export PYTHONSAFEPATH=1
 log "$this_node: node $node_rank of $nnodes, $nproc process(es), rendezvous" \
     "$master_addr:$master_port (host: $is_host), restart ${SLURM_RESTART_COUNT:-0}"
 

@@ -27,6 +27,7 @@ is a target (a piece merged across the boundary is one the model must produce).
 from __future__ import annotations
 
 import re
+import string
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,8 +118,11 @@ def render_prompt(template: str, instruction: str, input_text: str) -> str:
     elif input_text and "{input}" not in template:
         # A custom template without an input slot must not silently lose the input.
         instruction = f"{instruction}\n\n{input_text}"
-    # str.replace, not str.format: user text is full of braces (code, JSON).
-    return template.replace("{instruction}", instruction).replace("{input}", input_text)
+    # The template is read with format-string rules ({{ is a literal brace), but the
+    # user's text is spliced in, never formatted: it is full of braces (code, JSON).
+    values = {"instruction": instruction, "input": input_text}
+    parts = string.Formatter().parse(template)
+    return "".join(text + (values[name] if name is not None else "") for text, name, _, _ in parts)
 
 
 class Formatter:

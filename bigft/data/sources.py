@@ -3,10 +3,12 @@
 Every loader goes through the `datasets` library (memory-mapped Arrow, cached by file
 hash). When the library fails on a malformed JSON Lines file we scan the file ourselves,
 because its own message names neither the line nor the file in a way a user can act on.
+Text files are checked to be UTF-8 before the library sees them.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -41,6 +43,10 @@ def load_rows(path: str) -> Dataset:
         raise DataError(f"{path}: unsupported data file type '{suffix}'; supported: {SUPPORTED}")
     if p.stat().st_size == 0 or (builder == "json" and not p.read_bytes().strip()):
         raise DataError(f"{path}: file has no rows")
+    if builder in ("json", "csv"):
+        # The library reads any bytes: Arrow's JSON reader accepts invalid UTF-8 inside
+        # strings and fails only when a row is read later, far from the file.
+        _check_utf8(p, path)
     # The library logs its own progress and, on failure, a traceback-worthy error: keep the
     # console for bigft's one-line message.
     verbosity = datasets.logging.get_verbosity()
@@ -52,6 +58,75 @@ def load_rows(path: str) -> Dataset:
     finally:
         datasets.logging.set_verbosity(verbosity)
     return _non_empty(rows, path)
+
+
+_BOMS = {
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\xfe\xff": "UTF-16",
+    b"\xff\xfe": "UTF-16",
+}
+_CHUNK_BYTES = 1 << 20  # read size of the UTF-8 check
+
+
+def _iconv(p: Path, encoding: str) -> str:
+    return f"iconv -f {encoding} -t UTF-8 {p.name} > {p.stem}.utf8{p.suffix}"
+
+
+def _check_utf8(p: Path, path: str) -> None:
+    """Raise DataError unless the file is UTF-8 text (a UTF-8 byte-order mark is fine).
+
+    Read in chunks with an incremental decoder, so a large file is never held in memory.
+    """
+    with p.open("rb") as fh:
+        head = fh.read(4)
+        for bom, encoding in _BOMS.items():
+            if head.startswith(bom):
+                raise DataError(
+                    f"{path}: file is {encoding} text (it starts with a {encoding} byte-order "
+                    f"mark); convert it to UTF-8, e.g. {_iconv(p, encoding)}"
+                )
+        fh.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        line = 1  # line number at the start of `chunk`
+        while chunk := fh.read(_CHUNK_BYTES):
+            if b"\0" in chunk:  # the first chunk tells UTF-16 text from binary data
+                raise DataError(_nul_message(p, path, chunk if line == 1 else b""))
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                # err.start counts from the bytes the decoder held: this chunk after at most
+                # three bytes of a character left unfinished by the previous one.
+                bad = max(err.start - (len(err.object) - len(chunk)), 0)
+                where = line + chunk.count(b"\n", 0, bad)
+                raise DataError(
+                    f"{path}:{where}: not valid UTF-8 (byte "
+                    f"0x{err.object[err.start]:02x}); convert the file to UTF-8 (from Latin-1: "
+                    f"{_iconv(p, 'LATIN1')})"
+                ) from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{path}:{line}: not valid UTF-8 (the file ends inside a character); "
+                "convert the file to UTF-8"
+            ) from None
+
+
+def _nul_message(p: Path, path: str, head: bytes) -> str:
+    """NUL bytes: UTF-16 text without a byte-order mark (every other byte of ASCII text is
+    NUL), or not text at all."""
+    for encoding, zeros in (("UTF-16LE", head[1::2]), ("UTF-16BE", head[0::2])):
+        if len(zeros) >= 8 and zeros.count(0) >= 0.9 * len(zeros):
+            return (
+                f"{path}: file looks like {encoding} text (every other byte is NUL); convert "
+                f"it to UTF-8, e.g. {_iconv(p, encoding)}"
+            )
+    return (
+        f"{path}: not a text file (it holds NUL bytes); data files are UTF-8 text: check "
+        "that this is the right file, or convert it to UTF-8"
+    )
 
 
 def _non_empty(rows: Dataset, path: str) -> Dataset:

@@ -7,6 +7,7 @@ level (bigft --help stays free of torch); --simulate imports torch when it runs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -70,13 +71,25 @@ def plan(
     from bigft.plan.planner import make_plan, planned_gpu, workload_from_config
     from bigft.plan.render import plan_json, print_plan
 
+    _check_numbers(
+        {
+            "--gpus-per-node": gpus_per_node,
+            "--nodes": nodes,
+            "--seq-len": seq_len,
+            "--micro-batch": micro_batch,
+            "--global-batch": global_batch,
+            "--lora-rank": lora_rank,
+        },
+        {"--gpu-mem": gpu_mem, "--cpu-mem": cpu_mem},
+        margin,
+    )
     cfg = None
     extra = list(overrides or [])
     if config is not None and "=" in str(config) and not config.exists():
         extra.insert(0, str(config))  # `bigft plan --model X train.seq_len=4096`
         config = None
     if config is not None:
-        from bigft.config import load_config
+        from bigft.config_io import load_config
 
         cfg = load_config(config, extra)
     elif extra:
@@ -133,3 +146,18 @@ def plan(
     print_plan(report, Console())
     if report.message:
         raise BigftError(report.message)
+
+
+def _check_numbers(
+    counts: dict[str, int | None], gib: dict[str, float | None], margin: float
+) -> None:
+    """One line naming the flag for a count below 1, a memory size that is not a positive
+    finite number (nan and inf parse as floats), or a margin outside [0, 1)."""
+    for flag, count in counts.items():
+        if count is not None and count < 1:
+            raise BigftError(f"{flag} {count}: must be at least 1")
+    for flag, size in gib.items():
+        if size is not None and not (math.isfinite(size) and size > 0):
+            raise BigftError(f"{flag} {size:g}: must be a positive number of GiB")
+    if not (math.isfinite(margin) and 0 <= margin < 1):
+        raise BigftError(f"--margin {margin:g}: must be a fraction in [0, 1), e.g. 0.05")

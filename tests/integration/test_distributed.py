@@ -131,7 +131,7 @@ def test_engine_trains_shards_exports_and_resumes(
 LOAD_WORKER = """
 import json, resource, sys, torch
 from pathlib import Path
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.distributed import batch_layout, build_accelerator, engine_report, full_weights_digest
 from bigft.model import load_model
 from bigft.optim import build_optimizer

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bigft.cli import app
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 

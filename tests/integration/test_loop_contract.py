@@ -13,7 +13,7 @@ import pytest
 
 from bigft import checkpoint as ckpt
 from bigft import distributed
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.distributed import batch_layout
 from bigft.errors import ConfigError
 from bigft.optim import schedule_factor

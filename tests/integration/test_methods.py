@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.model import count_parameters
 from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl

@@ -19,7 +19,7 @@ pytest.importorskip("bitsandbytes")
 
 SCRIPT = """
 import sys, torch
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.train import setup, train
 run = setup(load_config(sys.argv[1]))
 train(run)

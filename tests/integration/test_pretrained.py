@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.train import setup, train
 from tests.helpers import write_jsonl
 

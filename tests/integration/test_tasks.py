@@ -4,6 +4,7 @@ best checkpoint, distillation."""
 from __future__ import annotations
 
 import json
+import operator
 import random
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.tracking import read_metrics
 from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
@@ -224,7 +225,7 @@ def test_eval_and_scorer_mistakes_are_one_line(tiny_base, tmp_path) -> None:
         load_scorer("no_such_module_xyz:score")
     with pytest.raises(ConfigError, match="has no function 'nope'"):
         load_scorer("json:nope")
-    assert load_scorer("json:dumps") is json.dumps
+    assert load_scorer("operator:eq") is operator.eq  # takes (predictions, references)
 
     result = CliRunner().invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 2

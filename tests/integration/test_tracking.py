@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.errors import BigftError
 from bigft.tracking import read_metrics
 from bigft.train import setup, train

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.tracking import read_metrics
 from bigft.train import setup, train, train_step
 from tests.helpers import alpaca_rows, write_config, write_jsonl

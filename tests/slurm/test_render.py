@@ -14,12 +14,13 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
 
 from bigft import slurm
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,15 +205,18 @@ def test_example_is_up_to_date() -> None:
 
 
 def render_example() -> str:
+    """The example as an installed bigft renders it (a checkout run from its root would
+    add its own path to the job's PYTHONPATH)."""
     cfg = slurm.load_job_config(EXAMPLE_CONFIG, [])
     job_dir = Path(cfg.output_dir) / "slurm"
-    return slurm.render_script(
-        cfg,
-        source=str(EXAMPLE_CONFIG.relative_to(EXAMPLES.parent.parent)),
-        config=str(job_dir / "config.yaml"),
-        node_script=str(job_dir / "node.sh"),
-        log_path=f"{job_dir}/job-%j.out",
-    )
+    with mock.patch.object(slurm, "checkout_on_path", lambda: None):
+        return slurm.render_script(
+            cfg,
+            source=str(EXAMPLE_CONFIG.relative_to(EXAMPLES.parent.parent)),
+            config=str(job_dir / "config.yaml"),
+            node_script=str(job_dir / "node.sh"),
+            log_path=f"{job_dir}/job-%j.out",
+        )
 
 
 def test_sweep_renders_one_array_with_a_config_per_point(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ of a model with a frozen base (no training)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -141,3 +142,106 @@ def test_disk_check_counts_the_trained_weights_only(
         BigftError, match=r"weights 24.0 B \+ optimizer state 48.0 B\) need about 72"
     ):
         ckpt.check_disk_space(tmp_path, model, "adamw", export=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing the checkpoint to resume from: whole ones only, checked without loading.
+
+
+def whole_checkpoint(root: Path, step: int, name: str | None = None) -> Path:
+    """A checkpoint with every file a single-process run writes, small but real."""
+    from safetensors.torch import save_file
+
+    path = root / "checkpoints" / (name or f"step-{step:08d}")
+    path.mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, str(path / "model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.bin")
+    torch.save({"torch_manual_seed": torch.get_rng_state()}, path / "random_states_0.pkl")
+    (path / STATE_FILE).write_text(json.dumps({"step": step, "loader": {}, "strategy": "ddp"}))
+    return path
+
+
+def test_checkpoint_problem_names_the_damaged_file(tmp_path: Path) -> None:
+    path = whole_checkpoint(tmp_path, 2)
+    assert ckpt.checkpoint_problem(path) is None
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-3])
+    assert ckpt.checkpoint_problem(path) == (
+        "model.safetensors is truncated (77 bytes; its header declares 80)"
+    )
+    path = whole_checkpoint(tmp_path, 4)
+    (path / STATE_FILE).write_text('{"step": 4, "loa')
+    assert str(ckpt.checkpoint_problem(path)).startswith("trainer_state.json is not valid JSON")
+    path = whole_checkpoint(tmp_path, 6)
+    (path / "optimizer.bin").write_bytes(b"")
+    assert ckpt.checkpoint_problem(path) == "optimizer.bin is empty (0 bytes)"
+    path = whole_checkpoint(tmp_path, 8)
+    (path / "random_states_0.pkl").unlink()  # optional: a warning, not damage
+    assert ckpt.checkpoint_problem(path) is None
+    assert "rng state missing" in ckpt.rng_warnings(path, 1)[0]
+    assert ckpt.rng_warnings(whole_checkpoint(tmp_path, 10), 1) == []
+    # a larger world than wrote it (DDP resumes on any size): the new ranks have none
+    assert "random_states_1.pkl" in ckpt.rng_warnings(whole_checkpoint(tmp_path, 12), 2)[0]
+
+
+def test_auto_resume_passes_over_damaged_checkpoints(tmp_path: Path) -> None:
+    older = whole_checkpoint(tmp_path, 2)
+    newest = whole_checkpoint(tmp_path, 4)
+    (newest / "optimizer.bin").unlink()
+    point = ckpt.find_resume("auto", tmp_path, 1)
+    assert point is not None and point.path == older and point.warnings == []
+    assert point.notes == [
+        f"skipped the damaged checkpoint {newest}: optimizer.bin is missing; resuming from "
+        "step-00000002"
+    ]
+    (older / "model.safetensors").write_bytes(b"")
+    with pytest.raises(BigftError, match=r"no whole checkpoint .*step-00000004: optimizer"):
+        ckpt.find_resume("auto", tmp_path, 1)
+    with pytest.raises(BigftError, match=r"train.resume: checkpoint '.*step-00000002' is damaged"):
+        ckpt.find_resume(str(older), tmp_path, 1)
+    assert ckpt.find_resume("auto", tmp_path / "fresh", 1) is None
+
+
+def test_a_checkpoint_being_replaced_counts_under_its_final_name(tmp_path: Path) -> None:
+    """step-N.old (a complete checkpoint whose replacement never landed) is what
+    clean_partial puts back: resume picks it without moving anything first."""
+    whole_checkpoint(tmp_path, 2)
+    old = whole_checkpoint(tmp_path, 4, name="step-00000004.old")
+    point = ckpt.find_resume("auto", tmp_path, 1)
+    assert point is not None and point.path.name == "step-00000004"
+    assert point.location == old and old.is_dir() and not point.path.exists()
+
+
+def test_engine_formats_are_checked_whole(tmp_path: Path) -> None:
+    """FSDP2's DCP folders (each shard holds the bytes .metadata declares) and DeepSpeed's
+    pickles (each has its zip directory), written here on one process."""
+    import torch.distributed.checkpoint as dcp
+
+    fsdp = tmp_path / "fsdp2"
+    for sub in ("pytorch_model_fsdp_0", "optimizer_0"):
+        writer = dcp.FileSystemWriter(str(fsdp / sub))
+        dcp.save({"model": {"w": torch.ones(256)}}, storage_writer=writer)
+    (fsdp / STATE_FILE).write_text(json.dumps({"step": 2, "loader": {}, "strategy": "fsdp2"}))
+    assert ckpt.checkpoint_problem(fsdp) is None
+    shard = next((fsdp / "pytorch_model_fsdp_0").glob("*.distcp"))
+    with shard.open("r+b") as fh:
+        fh.truncate(100)
+    assert re.fullmatch(
+        rf"pytorch_model_fsdp_0/{shard.name} is truncated \(100 bytes; "
+        r"pytorch_model_fsdp_0/\.metadata declares \d+\)",
+        str(ckpt.checkpoint_problem(fsdp)),
+    )
+
+    zero = tmp_path / "zero3"
+    (zero / "pytorch_model").mkdir(parents=True)
+    (zero / STATE_FILE).write_text(json.dumps({"step": 2, "loader": {}, "strategy": "zero3"}))
+    assert ckpt.checkpoint_problem(zero) == "pytorch_model/*model_states.pt is missing"
+    model_states = zero / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    optim_states = zero / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    for file in (model_states, optim_states):
+        torch.save({"module": {"w": torch.ones(256)}}, file)
+    assert ckpt.checkpoint_problem(zero) is None
+    optim_states.write_bytes(optim_states.read_bytes()[:200])
+    assert ckpt.checkpoint_problem(zero) == (
+        f"pytorch_model/{optim_states.name} is truncated or corrupt (its zip directory is "
+        "unreadable)"
+    )

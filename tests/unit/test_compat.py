@@ -85,3 +85,22 @@ def test_shim_changes_only_repacking_layers(tiny_base) -> None:
     model = _qlora_model(tiny_base)
     assert disable_bnb_cpu_repack(model) == 0  # already applied at load
     assert disable_bnb_cpu_repack(torch.nn.Linear(4, 4)) == 0
+
+
+def test_click_exceptions_are_the_ones_typer_raises() -> None:
+    """A bad flag value reaches bigft's one-line handler only if the handler catches the
+    click copy typer really uses."""
+    import typer
+    from typer.testing import CliRunner
+
+    from bigft._compat import click_exceptions
+
+    app = typer.Typer()
+
+    @app.command()
+    def count(n: int = typer.Option(1, "--n")) -> None:
+        """One command, one integer flag."""
+
+    result = CliRunner().invoke(app, ["--n", "abc"], standalone_mode=False)
+    assert isinstance(result.exception, click_exceptions().BadParameter)
+    assert issubclass(click_exceptions().BadParameter, click_exceptions().UsageError)

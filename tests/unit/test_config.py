@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigft.config import Config, dump_config, load_config
+from bigft.config import Config
+from bigft.config_io import dump_config, load_config
 from bigft.errors import ConfigError
 
 BASE = """\

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,83 @@ def test_wrong_field_type(tokenizer: Any, tmp_path: Path) -> None:
 def test_hub_dataset_offline_is_a_clear_error() -> None:
     with pytest.raises(DataError, match=r"hub:someone/nothing: could not load hub dataset"):
         load_rows("hub:someone/nothing")
+
+
+ROW = '{"instruction": "Résumé", "output": "ça va"}\n'  # valid UTF-8 with accents
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (
+            "latin1.jsonl",
+            ROW.encode("latin-1"),
+            r":1: not valid UTF-8 \(byte 0xe9\); convert the file to UTF-8 \(from Latin-1: "
+            r"iconv -f LATIN1 -t UTF-8 latin1\.jsonl > latin1\.utf8\.jsonl\)$",
+        ),
+        (
+            # one bad byte inside a JSON string on line 3; the lines before hold UTF-8 accents
+            "string.jsonl",
+            (ROW * 2).encode() + b'{"instruction": "caf\xe9", "output": "b"}\n' + ROW.encode(),
+            r":3: not valid UTF-8 \(byte 0xe9\); convert the file to UTF-8",
+        ),
+        (
+            "utf16.jsonl",
+            (ROW * 2).encode("utf-16"),
+            r": file is UTF-16 text \(it starts with a UTF-16 byte-order mark\); convert it "
+            r"to UTF-8, e.g. iconv -f UTF-16 -t UTF-8 utf16\.jsonl > utf16\.utf8\.jsonl$",
+        ),
+        (
+            "utf16le.jsonl",
+            (ROW * 2).encode("utf-16-le"),
+            r": file looks like UTF-16LE text \(every other byte is NUL\); convert it to UTF-8",
+        ),
+        (
+            "binary.jsonl",
+            bytes(range(256)) * 4,
+            r": not a text file \(it holds NUL bytes\); data files are UTF-8 text: check that "
+            r"this is the right file, or convert it to UTF-8$",
+        ),
+        (
+            "latin1.csv",
+            "instruction,output\nRésumé,ça\n".encode("latin-1"),
+            r":2: not valid UTF-8 \(byte 0xe9\); convert the file to UTF-8",
+        ),
+        (
+            "utf16.json",
+            f"[{ROW.strip()}]".encode("utf-16"),
+            r": file is UTF-16 text",
+        ),
+    ],
+)
+def test_file_that_is_not_utf8_is_named_with_its_line(
+    tokenizer: Any, tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    message = error_of(tokenizer, train=str(path))
+    assert message.startswith(str(path)), message
+    assert re.search(expected, message.removeprefix(str(path))), message
+
+
+def test_utf8_check_finds_the_line_across_read_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A character split between two reads is valid; a bad byte is found on its line; a
+    UTF-8 byte-order mark is fine."""
+    from bigft.data import sources
+
+    good = "a é 漢\n".encode() * 4
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (ROW * 2).encode())
+    sources._check_utf8(path, str(path))
+    assert load_rows(str(path))[1] == {"instruction": "Résumé", "output": "ça va"}
+    for size in (1, 2, 3, 5):
+        monkeypatch.setattr(sources, "_CHUNK_BYTES", size)
+        path.write_bytes(good)
+        sources._check_utf8(path, str(path))  # no error
+        for pos in range(0, len(good) + 1, 3):
+            path.write_bytes(good[:pos] + b"\xff" + good[pos:])
+            line = good[:pos].count(b"\n") + 1
+            with pytest.raises(DataError, match=rf":{line}: not valid UTF-8"):
+                sources._check_utf8(path, str(path))

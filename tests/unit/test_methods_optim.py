@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigft.config import Config, MethodConfig, OptimConfig, load_config
+from bigft.config import Config, MethodConfig, OptimConfig
+from bigft.config_io import load_config
 from bigft.errors import ConfigError
 from bigft.optim import LrRules, build_optimizer, describe_groups, param_groups
 

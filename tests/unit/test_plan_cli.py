@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bigft.cli import app
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.plan import choose_micro_batch
 
 runner = CliRunner()
@@ -118,6 +118,19 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
         (["--gpu-mem", "80", "--micro-batch", "1"], "nearest layout that fits: zero3-offload"),
         (["--strategy", "zero4"], "unknown strategy 'zero4'"),
         (["--gpu", "h100", "--gpu-mem", "80"], "pass --gpu or --gpu-mem, not both"),
+        (["--gpu-mem", "nan"], "--gpu-mem nan: must be a positive number of GiB"),
+        (["--gpu-mem", "inf"], "--gpu-mem inf: must be a positive number of GiB"),
+        (["--gpu-mem", "0"], "--gpu-mem 0: must be a positive number of GiB"),
+        (["--gpu-mem", "-1"], "--gpu-mem -1: must be a positive number of GiB"),
+        (["--cpu-mem", "nan"], "--cpu-mem nan: must be a positive number of GiB"),
+        (["--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+        (["--seq-len", "-5"], "--seq-len -5: must be at least 1"),
+        (["--micro-batch", "0"], "--micro-batch 0: must be at least 1"),
+        (["--global-batch", "-1"], "--global-batch -1: must be at least 1"),
+        (["--nodes", "0"], "--nodes 0: must be at least 1"),
+        (["--gpus-per-node", "0"], "--gpus-per-node 0: must be at least 1"),
+        (["--margin", "nan"], "--margin nan: must be a fraction in [0, 1)"),
+        (["--margin", "1"], "--margin 1: must be a fraction in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:

@@ -156,7 +156,7 @@ def test_any_shipped_model_plans_in_under_half_a_second() -> None:
 
 
 def _from_config(tmp_path, **sections: Any) -> Workload:
-    from bigft.config import load_config
+    from bigft.config_io import load_config
     from bigft.plan import workload_from_config
 
     cfg: dict[str, Any] = {

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bigft.cli import app
-from bigft.config import load_config
+from bigft.config_io import load_config
 from bigft.errors import ConfigError
 from bigft.plan import get_gpu
 

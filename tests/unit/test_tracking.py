@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from bigft import slurm
-from bigft.config import Config, dump_config, load_config
+from bigft.config import Config
+from bigft.config_io import dump_config, load_config
 from bigft.errors import BigftError, ConfigError
 from bigft.tracking import flat_hparams, resolve_trackers, tracker_values
 from tests.slurm.test_render import stubs, write_yaml
