@@ -306,6 +306,7 @@ def run_bigft(root: Path, s: Setting, packed: bool) -> None:
 
     import bigft.train as bt
     from bigft.config_io import load_config
+    from bigft.run import Run
 
     name = "bigft-packed" if packed else "bigft-padded"
     config = {
@@ -340,7 +341,7 @@ def run_bigft(root: Path, s: Setting, packed: bool) -> None:
     meter = WindowMeter(run.tokenizer.pad_token_id, s.warmup, s.steps, s.rounds)
     inner = bt.train_step
 
-    def metered_step(run: bt.Run, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+    def metered_step(run: Run, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         for batch in micro_batches:
             meter.add(batch)
         stats = inner(run, micro_batches)

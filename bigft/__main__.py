@@ -1,5 +1,5 @@
 """`python -m bigft ...` (used by `accelerate launch -m bigft` and `torchrun -m bigft`)."""
 
-from bigft.cli import main
+from bigft.commands import main
 
 main()

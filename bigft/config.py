@@ -806,6 +806,19 @@ class SlurmConfig(Section):
                     raise ValueError("must be a single line (no line breaks)")
         return value
 
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem_format(cls, value: Any) -> Any:
+        # sbatch --mem: a whole number, megabytes unless suffixed K, M, G or T; 0 = all.
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `mem: 0` or `mem: 64000` in YAML
+        if isinstance(value, str) and not re.fullmatch(r"\d+[KMGTkmgt]?", value):
+            raise ValueError(
+                "not a memory size sbatch accepts; a whole number with an optional K, M, G "
+                "or T suffix (megabytes without), e.g. 480G, or 0 for all of each node's memory"
+            )
+        return value
+
     @field_validator("time", mode="before")
     @classmethod
     def _time_format(cls, value: Any) -> Any:

@@ -20,13 +20,7 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from bigft.config import ParallelConfig, TrainConfig
 from bigft.errors import ConfigError
-
-
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision value ('no' | 'bf16' | 'fp16') for train.precision."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+from bigft.precision import resolve_precision
 
 
 def world_size_from_env() -> int:

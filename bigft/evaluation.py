@@ -184,8 +184,8 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     from bigft.data.labeled import prepare_labeled
     from bigft.distributed import batch_layout, build_accelerator, launched, world_size_from_env
     from bigft.model import load_model, load_tokenizer
+    from bigft.run import EvalContext
     from bigft.tracking import MetricsLog
-    from bigft.train import Run
     from bigft.validation import evaluate_split
 
     cfg = job.cfg
@@ -223,23 +223,20 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     if job.file_rows:
         data.validation, data.test = None, data.train
     model = accelerator.prepare(model)
-    run = Run(
-        cfg,
-        accelerator,
-        model,
-        tokenizer,
-        None,
-        None,
-        None,  # type: ignore[arg-type]  # no training loader
-        data,
-        layout,
-        0,
-        Path(cfg.output_dir),
-        MetricsLog(cfg.output_dir, enabled=False),
-        console,
+    ctx = EvalContext(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        layout=layout,
+        metrics=MetricsLog(cfg.output_dir, enabled=False),
+        console=console,
         label_names=label_names,
     )
-    results = {split: evaluate_split(run, split) for split in job.splits if getattr(data, split)}
+    results = {
+        split: evaluate_split(ctx, split, step=0) for split in job.splits if getattr(data, split)
+    }
     if not results:
         raise BigftError(f"no {' or '.join(job.splits)} rows to evaluate: pass --data FILE")
     return results

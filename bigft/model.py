@@ -16,6 +16,7 @@ import torch
 
 from bigft.config import ModelConfig, QuantConfig
 from bigft.errors import ModelError
+from bigft.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -445,8 +446,6 @@ def load_dtype(
 def compute_dtype(precision: str) -> torch.dtype | None:
     """The mixed-precision compute dtype of train.precision ('auto' resolved the way the
     Accelerator resolves it); None for fp32 training."""
-    from bigft.distributed import resolve_precision
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
 
 

@@ -1,9 +1,9 @@
 """The training loop: one loop for every method and every engine.
 
 `setup()` builds and validates everything (config → tokenizer → data → model → optimizer
-→ the checkpoint to resume from) before anything is written; `train()` runs optimizer
-steps, each made of `grad_accum` micro-batches whose loss is normalized by the target
-tokens of the whole step.
+→ the checkpoint to resume from) before anything is written, into a `Run` (bigft/run.py);
+`train()` runs optimizer steps, each made of `grad_accum` micro-batches whose loss is
+normalized by the target tokens of the whole step.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import copy
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,15 +28,9 @@ from bigft import checkpoint as ckpt
 from bigft import faults, preemption, rundir
 from bigft.config import Config
 from bigft.config_io import dump_config, redacted_config
-from bigft.data import (
-    PreparedData,
-    ShardedLoader,
-    pack,
-    prepare_data,
-)
+from bigft.data import ShardedLoader, pack, prepare_data
 from bigft.data.labeled import make_collator, prepare_labeled
 from bigft.distributed import (
-    BatchLayout,
     adopt_launcher_strategy,
     batch_layout,
     build_accelerator,
@@ -46,7 +38,6 @@ from bigft.distributed import (
     engine_report,
     offloads_optimizer_step,
     peak_memory_mib,
-    resolve_precision,
     world_size_from_env,
 )
 from bigft.errors import BigftError, TrainingError
@@ -63,8 +54,9 @@ from bigft.model import (
     load_tokenizer,
 )
 from bigft.optim import build_optimizer, build_scheduler, describe_groups
+from bigft.precision import resolve_precision
+from bigft.run import Run
 from bigft.tracking import (
-    MetricsLog,
     resolve_trackers,
     start_tracking,
     strict_json,
@@ -72,7 +64,7 @@ from bigft.tracking import (
 )
 from bigft.validation import (
     best_text,
-    evaluate_split,
+    evaluate_run,
     load_best,
     say,
     tracks_best,
@@ -81,35 +73,6 @@ from bigft.validation import (
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
-
-
-@dataclass
-class Run:
-    """Everything the loop touches, built by `setup()`."""
-
-    cfg: Config
-    accelerator: Accelerator
-    model: Any
-    tokenizer: Any
-    optimizer: Any
-    scheduler: Any
-    loader: ShardedLoader
-    data: PreparedData
-    layout: BatchLayout
-    total_steps: int
-    output_dir: Path
-    metrics: MetricsLog
-    console: Console
-    step: int = 0
-    saved_step: int | None = None  # step of the checkpoint this process last wrote
-    last_eval: dict[str, Any] = field(default_factory=dict)
-    label_names: list[str] | None = None  # classification: class names in id order
-    teacher: Any = None  # distillation teacher (frozen, eval mode)
-    best: dict[str, Any] = field(default_factory=dict)  # best eval.metric so far
-    counters: dict[str, float] = field(default_factory=lambda: {"tokens": 0, "targets": 0})
-    # Where this run resumed from, and why it will not match an uninterrupted run
-    # (carried through checkpoints, so later resumes still say so).
-    resumed: dict[str, Any] = field(default_factory=dict)
 
 
 def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) -> Run:
@@ -198,20 +161,20 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         model, optimizer = accelerator.prepare(model, optimizer)
         teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator)
         run = Run(
-            cfg,
-            accelerator,
-            model,
-            tokenizer,
-            optimizer,
-            scheduler,
-            loader,
-            data,
-            layout,
-            total_steps,
-            output_dir,
-            start_tracking(accelerator, output_dir, cfg.logging, redacted_config(cfg)),
-            console,
+            cfg=cfg,
+            accelerator=accelerator,
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            layout=layout,
+            metrics=start_tracking(accelerator, output_dir, cfg.logging, redacted_config(cfg)),
+            console=console,
             label_names=label_names,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loader=loader,
+            total_steps=total_steps,
+            output_dir=output_dir,
             teacher=teacher,
         )
         _resume(run, resume)
@@ -379,81 +342,20 @@ def _resume(run: Run, point: ckpt.ResumePoint | None) -> None:
     metrics.jsonl back to what it held when that checkpoint was written."""
     for note in ckpt.clean_partial(run.accelerator, run.output_dir):
         say(run, note)
-    main = run.accelerator.is_main_process
     if point is None:
         # A run killed before its first checkpoint starts over: so does its log.
-        if main:
+        if run.accelerator.is_main_process:
             run.metrics.rewind(-1)
         return
     for note in point.notes:
         say(run, f"[yellow]{escape(note)}[/]")
-    state = ckpt.load_checkpoint(run.accelerator, point.path, run.cfg.model.allow_pickle)
-    run.step = run.saved_step = int(state["step"])
-    _restore_scheduler(run.scheduler, state.get("scheduler"), run.step)
-    run.counters.update(state.get("counters", {}))
-    run.best = state.get("best", {})
-    # The evaluation of the checkpoint's step (if any) stands for the end of the run, as
-    # it would have without the interruption.
-    run.last_eval = state.get("last_eval") or {}
-    run.loader.load_state_dict(state["loader"])
-    if main:
-        _rewind_metrics(run.metrics, state, run.step)
-    warnings = [*state.get("resume_warnings", []), *point.warnings]
-    run.resumed = {"from": str(point.path), "step": run.step, "warnings": warnings}
+    run.restore(point.path)
+    loop = run.state
+    warnings = [*loop.resumed["warnings"], *point.warnings]
+    loop.resumed = {"from": str(point.path), "step": loop.step, "warnings": warnings}
     for warning in point.warnings:
         say(run, f"[yellow]warning:[/] {escape(warning)}")
-    say(run, f"resumed from {escape(str(point.path))} at step {run.step}")
-
-
-def _rewind_metrics(metrics: MetricsLog, state: dict[str, Any], step: int) -> None:
-    """Cut metrics.jsonl back to its length when the checkpoint was written: what the
-    interrupted run logged after it (steps, evaluations, the end-of-run records) is
-    about to be logged again. Checkpoints that predate that record, or a log that is no
-    longer the one they saw, drop the records of later steps instead."""
-    size = state.get("metrics_bytes")
-    if isinstance(size, int) and metrics.truncate(size):
-        return
-    metrics.rewind(step)
-
-
-def _restore_scheduler(scheduler: Any, state: dict[str, Any] | None, step: int) -> None:
-    """Load the saved schedule; checkpoints older than that field stepped it `step` times
-    (bigft's schedules are functions of the step count alone)."""
-    if state is not None:
-        scheduler.load_state_dict(state)
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "scheduler stepped before the optimizer"
-        for _ in range(step):
-            scheduler.step()
-
-
-def _trainer_state(run: Run) -> dict[str, Any]:
-    return {
-        "step": run.step,
-        "loader": run.loader.state_dict(),
-        "counters": run.counters,
-        "best": run.best,
-        "scheduler": run.scheduler.state_dict(),
-        "strategy": run.cfg.parallel.strategy,
-        "world_size": run.accelerator.num_processes,
-        "metrics_bytes": run.metrics.size(),  # what a resume cuts metrics.jsonl back to
-        "last_eval": run.last_eval,
-        "resume_warnings": run.resumed.get("warnings", []),
-    }
-
-
-def _save_checkpoint(run: Run) -> Path:
-    """Checkpoint the run at its current step (every process calls this)."""
-    path = ckpt.save_checkpoint(
-        run.accelerator,
-        run.output_dir,
-        run.step,
-        _trainer_state(run),
-        run.cfg.checkpoint.keep_last,
-    )
-    run.saved_step = run.step
-    return path
+    say(run, f"resumed from {escape(str(point.path))} at step {loop.step}")
 
 
 def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
@@ -485,7 +387,7 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     for batch in micro_batches:
         with acc.accumulate(model):
             summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run))
-            summed = faults.nonfinite_loss(summed, run.step + 1, acc.process_index)
+            summed = faults.nonfinite_loss(summed, run.state.step + 1, acc.process_index)
             acc.backward(summed * scale)
             loss_total += summed.detach().double()
             if acc.sync_gradients:  # the step's last micro-batch: update, or skip it
@@ -608,32 +510,33 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
     if acc.is_main_process:
         run.console.print(startup_summary(run))
     say(run, describe_groups(run.optimizer))
-    if cfg.eval.at_start and run.step == 0:
-        evaluate_split(run)
+    state = run.state
+    if cfg.eval.at_start and state.step == 0:
+        evaluate_run(run)
     run.model.train()
     batches = iter(run.loader)
     with _progress(run) as progress:
-        task = progress.add_task("train", total=run.total_steps, completed=run.step, stats="")
+        task = progress.add_task("train", total=run.total_steps, completed=state.step, stats="")
         window_start, window_tokens = time.perf_counter(), 0.0
-        while run.step < run.total_steps:
+        while state.step < run.total_steps:
             stats = train_step(run, _next_micro_batches(run, batches))
-            run.step += 1
-            run.counters["tokens"] += stats["tokens"]
-            run.counters["targets"] += stats["targets"]
+            state.step += 1
+            state.tokens += stats["tokens"]
+            state.targets += stats["targets"]
             _count_skipped(run, stats)
             window_tokens += stats["tokens"]
-            due = run.step % cfg.train.log_every == 0 or run.step == run.total_steps
+            due = state.step % cfg.train.log_every == 0 or state.step == run.total_steps
             if due or stats["nonfinite"]:  # a skipped step is always logged
                 elapsed = time.perf_counter() - window_start
                 record = {
-                    "step": run.step,
+                    "step": state.step,
                     "loss": round(stats["loss"], 6),
                     "lr": stats["lr"],
                     "grad_norm": round(stats["grad_norm"], 6),
                     "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
                     "epoch": round(run.loader.epoch_progress, 4),
                     "mem_mib": peak_memory_mib(acc),
-                    "skipped_steps": int(run.counters.get("skipped_steps", 0)),
+                    "skipped_steps": state.skipped_steps,
                 }
                 run.metrics.write(record)
                 progress.update(
@@ -642,27 +545,27 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
                     f"{record['tokens_per_s']:.0f} tok/s",
                 )
                 window_start, window_tokens = time.perf_counter(), 0.0
-            progress.update(task, completed=run.step)
+            progress.update(task, completed=state.step)
             _stop_if_nonfinite(run, stats)
             if _evaluate_and_checkpoint(run):
-                say(run, f"early stopping at step {run.step}: {best_text(run)}")
+                say(run, f"early stopping at step {state.step}: {best_text(run)}")
                 break
             reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
-                _save_checkpoint(run)
-                say(run, f"stopped at step {run.step} ({reason}); checkpoint written")
-                return {"steps": run.step, "stopped": reason, "output_dir": str(run.output_dir)}
+                run.save()
+                say(run, f"stopped at step {state.step} ({reason}); checkpoint written")
+                return {"steps": state.step, "stopped": reason, "output_dir": str(run.output_dir)}
     return _finish(run)
 
 
 def _count_skipped(run: Run, stats: dict[str, float]) -> None:
     """Count and report a step whose update was held back for non-finite values."""
     if stats["nonfinite"] and not stats["applied"]:
-        run.counters["skipped_steps"] = run.counters.get("skipped_steps", 0) + 1
+        run.state.skipped_steps += 1
         say(
             run,
-            f"[yellow]step {run.step}: {_nonfinite_text(stats)}: update skipped[/] "
-            f"({int(run.counters['skipped_steps'])} so far)",
+            f"[yellow]step {run.state.step}: {_nonfinite_text(stats)}: update skipped[/] "
+            f"({run.state.skipped_steps} so far)",
         )
 
 
@@ -674,23 +577,24 @@ def _stop_if_nonfinite(run: Run, stats: dict[str, float]) -> None:
     """
     if not stats["nonfinite"]:
         return
-    train, what = run.cfg.train, f"step {run.step}: {_nonfinite_text(stats)}"
+    train, step = run.cfg.train, run.state.step
+    what = f"step {step}: {_nonfinite_text(stats)}"
     if stats["applied"]:  # an engine that updated anyway (DeepSpeed, overflow check off)
         raise TrainingError(
             f"{what}, and the engine applied the update: the weights are no longer "
             "trustworthy; resume from an earlier checkpoint (train.resume=<its directory>)"
         )
-    skipped = int(run.counters.get("skipped_steps", 0))
+    skipped = run.state.skipped_steps
     if train.nonfinite == "stop":
         reason = "train.nonfinite is stop"
     elif train.max_skipped is not None and skipped > train.max_skipped:
         reason = f"{skipped} steps skipped, more than train.max_skipped = {train.max_skipped}"
     else:
         return
-    path = _save_checkpoint(run)
+    path = run.save()
     raise TrainingError(
         f"{what}; stopped ({reason}). The update was not applied: {path} holds the weights "
-        f"of step {run.step - 1} and resumes after this batch (e.g. with a lower optim.lr)"
+        f"of step {step - 1} and resumes after this batch (e.g. with a lower optim.lr)"
     )
 
 
@@ -707,15 +611,15 @@ def _evaluate_and_checkpoint(run: Run) -> bool:
     """
     cfg = run.cfg
     improved = stop = False
-    if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
-        improved, stop = update_best(run, evaluate_split(run))
+    if cfg.eval.every_steps and run.state.step % cfg.eval.every_steps == 0:
+        improved, stop = update_best(run, evaluate_run(run))
     new_best = improved and tracks_best(cfg)
     every = cfg.checkpoint.every_steps
-    periodic = every is not None and run.step % every == 0
+    periodic = every is not None and run.state.step % every == 0
     if periodic or new_best:
-        path = _save_checkpoint(run)
+        path = run.save()
         if new_best and run.accelerator.is_main_process:
-            ckpt.mark_best(run.output_dir, path, run.best)
+            ckpt.mark_best(run.output_dir, path, run.state.best)
         run.accelerator.wait_for_everyone()
     return stop
 
@@ -723,7 +627,7 @@ def _evaluate_and_checkpoint(run: Run) -> bool:
 def startup_summary(run: Run) -> Table:
     """What is about to run, on one screen: model, method, layout, memory plan, data,
     batch and steps, output directory."""
-    cfg, acc, layout = run.cfg, run.accelerator, run.layout
+    cfg, acc, layout, step = run.cfg, run.accelerator, run.layout, run.state.step
     trainable, total = count_parameters(acc.unwrap_model(run.model))
     method = cfg.method.name + (
         f" r={cfg.method.lora.r}" if cfg.method.name in ("lora", "dora", "qlora") else ""
@@ -761,7 +665,7 @@ def startup_summary(run: Run) -> Table:
             f"{acc.num_processes} = global {layout.global_batch_size} rows of seq_len "
             f"{cfg.train.seq_len}",
         ),
-        ("steps", f"{run.total_steps:,}" + (f" (resuming at {run.step})" if run.step else "")),
+        ("steps", f"{run.total_steps:,}" + (f" (resuming at {step})" if step else "")),
         ("output", str(run.output_dir)),
     ]
     for key, value in rows:
@@ -793,7 +697,7 @@ def _memory_plan_text(run: Run) -> str:
 def _stop_reason(run: Run, stop_after: int | None, stop_requests: float) -> str | None:
     """A signal on any process (counted in the step's reduce) stops every process at the
     same step."""
-    if stop_after is not None and run.step >= stop_after:
+    if stop_after is not None and run.state.step >= stop_after:
         return "stop_after"
     if stop_requests == 0:
         return None
@@ -821,13 +725,14 @@ def _finish(run: Run) -> dict[str, Any]:
     (they were logged after the checkpoint), so they appear once."""
     cfg = run.cfg
     loaded_best = load_best(run)
-    if cfg.checkpoint.every_steps and not loaded_best and run.saved_step != run.step:
-        _save_checkpoint(run)
+    state = run.state
+    if cfg.checkpoint.every_steps and not loaded_best and state.saved_step != state.step:
+        run.save()
     faults.crash_at("end-saved")
     summary: dict[str, Any] = {
-        "steps": run.step,
-        "early_stopped": run.step < run.total_steps,
-        "skipped_steps": int(run.counters.get("skipped_steps", 0)),
+        "steps": state.step,
+        "early_stopped": state.step < run.total_steps,
+        "skipped_steps": state.skipped_steps,
         "world_size": run.accelerator.num_processes,
         "global_batch_size": run.layout.global_batch_size,
         "engine": engine_report(run.accelerator, run.model, run.optimizer),
@@ -838,18 +743,18 @@ def _finish(run: Run) -> dict[str, Any]:
         teacher = engine_report(run.accelerator, run.teacher)["param_fraction_local"]
         summary["engine"]["teacher_param_fraction_local"] = teacher
     every = cfg.eval.every_steps
-    evaluated_now = every is not None and run.step % every == 0 and not loaded_best
-    if run.best:
-        summary["best"] = {**run.best, "checkpoint": str(ckpt.best_checkpoint(run.output_dir))}
+    evaluated_now = every is not None and state.step % every == 0 and not loaded_best
+    if state.best:
+        summary["best"] = {**state.best, "checkpoint": str(ckpt.best_checkpoint(run.output_dir))}
     if run.data.validation is not None:
         summary["validation"] = (
-            run.last_eval if evaluated_now and run.last_eval else evaluate_split(run)
+            state.last_eval if evaluated_now and state.last_eval else evaluate_run(run)
         )
     if run.data.test is not None:
-        summary["test"] = evaluate_split(run, "test")
+        summary["test"] = evaluate_run(run, "test")
     faults.crash_at("end-evaluated")
-    if run.resumed:
-        summary["resume"] = run.resumed
+    if state.resumed:
+        summary["resume"] = state.resumed
     if cfg.checkpoint.export:
         final = ckpt.export_model(
             run.accelerator, run.model, run.tokenizer, run.output_dir / "final"

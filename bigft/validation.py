@@ -2,15 +2,16 @@
 early stopping.
 
 `evaluate_split` scores one split (loss / perplexity and exact match for causal LM,
-accuracy / F1 / AUC or MSE / MAE for labelled tasks) on every process at once;
-`update_best` tracks eval.metric for keep_best, early stopping and load_best_at_end.
+accuracy / F1 / AUC or MSE / MAE for labelled tasks) on every process at once, for a
+training run (`evaluate_run`) or `bigft eval`; `update_best` tracks eval.metric for
+keep_best, early stopping and load_best_at_end.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,17 +22,15 @@ from bigft.data.labeled import make_collator
 from bigft.errors import BigftError
 from bigft.evaluate import evaluate_labeled, evaluate_loss, exact_match, load_scorer
 from bigft.model import attention_implementation
-
-if TYPE_CHECKING:
-    from bigft.train import Run
+from bigft.run import EvalContext, Run
 
 Batch = dict[str, torch.Tensor]
 
 
-def say(run: Run, message: str) -> None:
+def say(ctx: EvalContext, message: str) -> None:
     """Print on the main process only."""
-    if run.accelerator.is_main_process:
-        run.console.print(message)
+    if ctx.accelerator.is_main_process:
+        ctx.console.print(message)
 
 
 def tracks_best(cfg: Config) -> bool:
@@ -54,47 +53,49 @@ def update_best(run: Run, result: dict[str, Any]) -> tuple[bool, bool]:
                 f"({', '.join(scalars(result)) or 'none'})"
             )
         return False, False
-    best = run.best
+    state = run.state
+    best = state.best
     if not best:
         improved = True
     else:
         change = value - best["value"] if e.higher_is_better else best["value"] - value
         improved = change > e.early_stopping.min_delta
     if improved:
-        run.best = {"metric": e.metric, "value": value, "step": run.step, "bad_evals": 0}
+        state.best = {"metric": e.metric, "value": value, "step": state.step, "bad_evals": 0}
     else:
         best["bad_evals"] += 1
     patience = e.early_stopping.patience
-    return improved, patience is not None and run.best["bad_evals"] >= patience
+    return improved, patience is not None and state.best["bad_evals"] >= patience
 
 
 def best_text(run: Run) -> str:
-    b = run.best
+    b = run.state.best
     return f"best {b['metric']} {b['value']:.4f} at step {b['step']}" if b else "no best yet"
 
 
-def eval_batches(run: Run, split: str) -> Iterator[Batch]:
-    rows = getattr(run.data, split)
+def eval_batches(ctx: EvalContext, split: str) -> Iterator[Batch]:
+    rows = getattr(ctx.data, split)
     if rows is None or len(rows) == 0:
         return iter(())
-    if run.cfg.data.packing and run.cfg.task == "causal_lm":
-        rows = pack(rows, run.cfg.train.seq_len, run.cfg.train.seed, run.tokenizer.pad_token_id)
+    cfg = ctx.cfg
+    if cfg.data.packing and cfg.task == "causal_lm":
+        rows = pack(rows, cfg.train.seq_len, cfg.train.seed, ctx.tokenizer.pad_token_id)
     loader = ShardedLoader(
         rows,
-        batch_size=run.cfg.eval.batch_size or run.layout.micro_batch_size,
-        rank=run.accelerator.process_index,
-        world_size=run.accelerator.num_processes,
-        seed=run.cfg.train.seed,
+        batch_size=cfg.eval.batch_size or ctx.layout.micro_batch_size,
+        rank=ctx.accelerator.process_index,
+        world_size=ctx.accelerator.num_processes,
+        seed=cfg.train.seed,
         shuffle=False,
-        collate=make_collator(run.cfg, run.tokenizer, attention_implementation(run.model)),
+        collate=make_collator(cfg, ctx.tokenizer, attention_implementation(ctx.model)),
         drop_last=False,
     )
     # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
     # run the same number of forwards, so a process short of rows repeats its last batch
     # with every label masked (it adds nothing to the loss).
     count = loader.batches_per_epoch
-    if run.cfg.eval.max_batches is not None:
-        count = min(count, run.cfg.eval.max_batches)
+    if cfg.eval.max_batches is not None:
+        count = min(count, cfg.eval.max_batches)
     return _fill_batches(loader.iter_epoch(), count, lambda: loader.collate([rows[0]]))
 
 
@@ -120,48 +121,55 @@ def generation_examples(rows: Any, tokenizer: Any, limit: int) -> list[tuple[lis
     ]
 
 
-def evaluate_split(run: Run, split: str = "validation") -> dict[str, Any]:
+def evaluate_run(run: Run, split: str = "validation") -> dict[str, Any]:
+    """`evaluate_split` at the run's step; a validation result becomes its last_eval."""
+    result = evaluate_split(run, split, run.state.step)
+    if split == "validation":
+        run.state.last_eval = result
+    return result
+
+
+def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
     """Eval loss/perplexity (all processes) and, if enabled, exact match (every process
-    generates the same examples, so sharded engines stay in step)."""
+    generates the same examples, so sharded engines stay in step), logged at `step`."""
+    cfg = ctx.cfg
     result: dict[str, Any] = {}
-    if getattr(run.data, split) is not None and run.cfg.task != "causal_lm":
-        batches = eval_batches(run, split)
-        result.update(evaluate_labeled(run.model, batches, run.accelerator, run.label_names))
-    elif getattr(run.data, split) is not None:
-        result.update(evaluate_loss(run.model, eval_batches(run, split), run.accelerator))
-    gen = run.cfg.eval.generate
-    rows = getattr(run.data, split)
-    if gen.enabled and rows is not None and len(rows) and run.cfg.data.format != "text":
-        examples = generation_examples(rows, run.tokenizer, gen.num_examples)
+    if getattr(ctx.data, split) is not None and cfg.task != "causal_lm":
+        batches = eval_batches(ctx, split)
+        result.update(evaluate_labeled(ctx.model, batches, ctx.accelerator, ctx.label_names))
+    elif getattr(ctx.data, split) is not None:
+        result.update(evaluate_loss(ctx.model, eval_batches(ctx, split), ctx.accelerator))
+    gen = cfg.eval.generate
+    rows = getattr(ctx.data, split)
+    if gen.enabled and rows is not None and len(rows) and cfg.data.format != "text":
+        examples = generation_examples(rows, ctx.tokenizer, gen.num_examples)
         scored = exact_match(
-            run.accelerator.unwrap_model(run.model),
-            run.tokenizer,
+            ctx.accelerator.unwrap_model(ctx.model),
+            ctx.tokenizer,
             examples,
             gen.max_new_tokens,
             gen.batch_size,
-            run.accelerator.device,
+            ctx.accelerator.device,
         )
         result["exact_match"] = scored["exact_match"]
         result["samples"] = scored["samples"][:8]
-        if run.cfg.eval.scorer is not None:
-            scorer = load_scorer(run.cfg.eval.scorer)
+        if cfg.eval.scorer is not None:
+            scorer = load_scorer(cfg.eval.scorer)
             predictions = [s["prediction"] for s in scored["samples"]]
             references = [s["reference"] for s in scored["samples"]]
             scores = scorer(predictions, references)
             if not isinstance(scores, dict) or not all(isinstance(k, str) for k in scores):
                 raise BigftError(
-                    f"eval.scorer '{run.cfg.eval.scorer}' returned {type(scores).__name__}: "
+                    f"eval.scorer '{cfg.eval.scorer}' returned {type(scores).__name__}: "
                     "it must return a dict of metric name -> number"
                 )
             result.update(scores)
-    if split == "validation":
-        run.last_eval = result
     if result:
-        run.metrics.write({"step": run.step, "split": split, **scalars(result)})
+        ctx.metrics.write({"step": step, "split": split, **scalars(result)})
         shown = " ".join(
             f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in scalars(result).items()
         )
-        say(run, f"step {run.step} {split}: {shown}")
+        say(ctx, f"step {step} {split}: {shown}")
     return result
 
 
@@ -172,9 +180,10 @@ def scalars(result: dict[str, Any]) -> dict[str, float]:
 def load_best(run: Run) -> bool:
     """checkpoint.load_best_at_end: bring back the best checkpoint's weights (True if the
     weights changed)."""
-    if not (run.cfg.checkpoint.load_best_at_end and run.best):
+    best = run.state.best
+    if not (run.cfg.checkpoint.load_best_at_end and best):
         return False
-    if run.best["step"] == run.step:
+    if best["step"] == run.state.step:
         return False
     path = ckpt.best_checkpoint(run.output_dir)
     if path is None:

@@ -196,7 +196,7 @@ def run_in_process(argv: list[str]) -> Outcome:
     """`bigft ARGV` through typer's test runner (fast: libraries stay imported)."""
     from typer.testing import CliRunner
 
-    from bigft.cli import app
+    from bigft.commands import app
 
     try:
         with time_limit(CASE_TIMEOUT_S):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from tests.conftest import ASSETS
 
 BAD = ASSETS / "bad"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from bigft import checkpoint as ckpt
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config_io import load_config
 from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
@@ -104,7 +104,7 @@ def test_resume_reproduces_uninterrupted_run(
         if interrupt:
             assert train(setup(cfg), stop_after=3)["stopped"]
         run = setup(cfg)
-        assert run.step == (3 if interrupt else 0)
+        assert run.state.step == (3 if interrupt else 0)
         train(run)
         return trainable_weights(run)
 
@@ -146,7 +146,8 @@ def test_checkpoint_that_does_not_fit_is_refused(
     assert "holds 1 the model lacks: not.in.the.model" in resume_error(cfg, *args)
 
     save_file(good, file, metadata={"format": "pt"})
-    assert "differ in shape" in resume_error(cfg, *args, "method.lora.r=8")
+    rank8 = [a.replace("method.lora.r=4", "method.lora.r=8") for a in args]
+    assert "differ in shape" in resume_error(cfg, *rank8)
 
     # The adapters only fit the base they were trained on.
     other = tmp_path / "other-base"
@@ -156,7 +157,7 @@ def test_checkpoint_that_does_not_fit_is_refused(
 
     # Intact, it resumes.
     run = setup(load_config(cfg, args))
-    assert run.step == 2
+    assert run.state.step == 2
 
 
 def launch(cfg: Path, *overrides: str) -> str:

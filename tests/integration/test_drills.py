@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bigft import checkpoint as ckpt
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config import ModelConfig
 from bigft.config_io import load_config
 from bigft.errors import BigftError, ModelError, TrainingError
@@ -336,7 +336,7 @@ def test_kill_during_checkpoint_write(tiny_base: Path, data_file: Path, tmp_path
     assert same_tensors(weights(step_dir(crashed, 2)), weights(step_dir(straight, 2)))
 
     run = setup(config(tmp_path, tiny_base, data_file, f"output_dir={crashed}", *run_args))
-    assert run.step == 2 and not partial.exists()
+    assert run.state.step == 2 and not partial.exists()
     summary = train(run)
     assert summary["steps"] == 6
     assert same_tensors(weights(crashed / "final"), weights(straight / "final"))
@@ -454,7 +454,7 @@ def test_checkpoint_with_pickled_weights_is_refused_unless_allowed(
     with pytest.raises(BigftError, match=r"pytorch_model.bin.*model.allow_pickle=true"):
         setup(cfg)
     run = setup(config(tmp_path, tiny_base, data_file, *args, "model.allow_pickle=true"))
-    assert run.step == 2
+    assert run.state.step == 2
 
 
 def _with_remote_code(tiny_base: Path, root: Path, model_type: str) -> tuple[Path, Path]:

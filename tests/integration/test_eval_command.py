@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config_io import load_config
 from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl

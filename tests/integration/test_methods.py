@@ -167,7 +167,7 @@ def test_cli_export_copies_adapter(tiny_base, data_file, tmp_path) -> None:
     from peft import PeftConfig
     from typer.testing import CliRunner
 
-    from bigft.cli import app
+    from bigft.commands import app
 
     cfg = _cfg(tiny_base, data_file, tmp_path, [*METHODS["lora"], "train.steps=2"])
     train(setup(cfg))
@@ -198,7 +198,7 @@ def test_qlora_resume_reproduces_uninterrupted_run(tiny_base, data_file, tmp_pat
         if interrupt:
             assert train(setup(cfg), stop_after=3)["stopped"]
         run = setup(cfg)
-        assert run.step == (3 if interrupt else 0)
+        assert run.state.step == (3 if interrupt else 0)
         train(run)
         return load_file(out / "final" / "adapter_model.safetensors")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config_io import load_config
 from bigft.tracking import read_metrics
 from bigft.train import setup, train

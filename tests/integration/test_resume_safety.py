@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from bigft import checkpoint as ckpt
 from bigft import train as train_module
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config_io import load_config
 from bigft.errors import ConfigError
 from bigft.faults import CRASH_AT
@@ -177,7 +177,7 @@ def test_kill_after_the_final_evaluation_then_resume(
     assert records(out)[-1][:2] == (steps, "test")  # the kill came after the final records
 
     run = setup(cfg)
-    assert run.step == steps
+    assert run.state.step == steps
     _assert_like_uninterrupted(out, train(run), uninterrupted[steps])
 
 
@@ -205,7 +205,7 @@ def test_sigkill_in_the_end_phase_then_resume(
     assert ckpt.latest_checkpoint(out) == step_dir(out, 7)
 
     run = setup(load_config(path, [f"output_dir={out}", *args]))
-    assert run.step == 7
+    assert run.state.step == 7
     _assert_like_uninterrupted(out, train(run), uninterrupted[7])
 
 
@@ -241,7 +241,7 @@ def test_resume_without_rng_state_warns_and_records_it(
 
     console = quiet()
     run = setup(cfg, console)
-    assert run.step == 2
+    assert run.state.step == 2
     text = said(console)
     warning = (
         rf"rng state {word}: {re.escape(str(rng))}; resumed anyway: "
@@ -264,7 +264,7 @@ def test_rng_warning_is_carried_to_later_resumes(
     (step_dir(out, 2) / "random_states_0.pkl").unlink()
     train(setup(cfg, quiet()), stop_after=4)
     run = setup(cfg, quiet())
-    assert run.step == 4
+    assert run.state.step == 4
     train(run)
     resume = json.loads((out / "summary.json").read_text())["resume"]
     assert resume["step"] == 4
@@ -323,7 +323,7 @@ def test_auto_resume_passes_over_a_damaged_latest_checkpoint(
 
     console = quiet()
     run = setup(cfg, console)
-    assert run.step == 2
+    assert run.state.step == 2
     lines = [line for line in said(console).splitlines() if "damaged" in line]
     assert len(lines) == 1, said(console)
     assert re.search(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.rundir import LOCK
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 

@@ -89,7 +89,7 @@ def test_classification_learns_and_reports_metrics(tiny_base, tmp_path) -> None:
     # `bigft eval` on the run directory, and on the exported model with the same rows
     from typer.testing import CliRunner
 
-    from bigft.cli import app
+    from bigft.commands import app
 
     result = CliRunner().invoke(app, ["eval", cfg.output_dir])
     assert result.exit_code == 0, result.output
@@ -212,7 +212,7 @@ def test_distillation_pulls_student_to_teacher(tiny_base, tmp_path) -> None:
 def test_eval_and_scorer_mistakes_are_one_line(tiny_base, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from bigft.cli import app
+    from bigft.commands import app
     from bigft.errors import ConfigError
     from bigft.evaluate import load_scorer
 

@@ -66,7 +66,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_base, data_file, tmp_path) -> 
             stopped = train(setup(cfg), stop_after=3)
             assert stopped["stopped"] and stopped["steps"] == 3
         run = setup(cfg)  # resume: auto
-        assert run.step == (3 if interrupt else 0)
+        assert run.state.step == (3 if interrupt else 0)
         train(run)
         return load_file(Path(out) / "final" / "model.safetensors")
 

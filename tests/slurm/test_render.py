@@ -114,7 +114,7 @@ def test_no_value_can_change_what_the_script_does(tmp_path: Path, value: str) ->
         weird_dir / "cfg.yaml",
         {
             "job_name": value, "partition": value, "account": value, "qos": value,
-            "constraint": value, "mem": value, "nccl_socket_ifname": value,
+            "constraint": value, "nccl_socket_ifname": value,
             "nccl_debug": value, "env": {"WEIRD": value}, "setup_script": str(setup),
             "python": value, "sbatch_extra": [f"--comment={value}"],
         },
@@ -126,7 +126,7 @@ def test_no_value_can_change_what_the_script_does(tmp_path: Path, value: str) ->
 
     directives = [sbatch_args(line) for line in text.splitlines() if line.startswith("#SBATCH")]
     flat = dict(arg.split("=", 1) for args in directives for arg in args if "=" in arg)
-    for option in ("job-name", "partition", "account", "qos", "constraint", "mem", "comment"):
+    for option in ("job-name", "partition", "account", "qos", "constraint", "comment"):
         assert flat[f"--{option}"] == value, option
     assert flat["--output"] == str(weird_dir / "run" / "slurm").replace("%", "%%") + "/job-%j.out"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
@@ -375,7 +375,7 @@ def test_repository_copies_are_the_shipped_files() -> None:
 
 
 def test_cli_help_stays_light() -> None:
-    code = "import sys, bigft.cli; assert not {'torch', 'jinja2'} & set(sys.modules)"
+    code = "import sys, bigft.commands.root; assert not {'torch', 'jinja2'} & set(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

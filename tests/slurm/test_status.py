@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bigft import slurm
-from bigft.cli import app
+from bigft.commands import app
 from tests.slurm.test_render import write_yaml
 
 JOB = "77"

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 import bigft
-from bigft.cli import app
+from bigft.commands import app
 from bigft.errors import BigftError
 from bigft.launcher import isolated_workers
 from tests.helpers import alpaca_rows, write_config, write_jsonl
@@ -172,7 +172,7 @@ def test_launch_from_a_directory_holding_a_bigft_folder(tiny_base: Path, tmp_pat
             (work / name / module).write_text('print("SHADOW")\nraise SystemExit(1)\n')
     entry = tmp_path / "bin" / "bigft"  # what pip's console script does
     entry.parent.mkdir()
-    entry.write_text("from bigft.cli import main\n\nmain()\n")
+    entry.write_text("from bigft.commands import main\n\nmain()\n")
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(16))
     cfg = write_config(tmp_path / "cfg.yaml", tiny_base, data)
     out = tmp_path / "out"

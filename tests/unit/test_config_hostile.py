@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from bigft import slurm
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config import Config
 from bigft.config_io import load_config, user_overrides
 from bigft.errors import ConfigError
@@ -543,3 +543,14 @@ def test_sweep_writes_nothing_for_a_bad_grid(tmp_path: Path) -> None:
     assert not (tmp_path / "sweep").exists()
     _, n = slurm.prepare_sweep(path, [], ["train.seed=1,2", "optim.lr=1e-4,2e-4"], {})
     assert n == 4
+
+
+@pytest.mark.parametrize("mem", ["abc", "4.5G", "-1", "480GB", "1 G"])
+def test_slurm_mem_that_sbatch_refuses(tmp_path: Path, mem: str) -> None:
+    message = error(write(tmp_path, BASE), [f"slurm.mem={mem}"])
+    assert message.startswith("command-line override slurm.mem: not a memory size sbatch")
+
+
+def test_slurm_mem_sbatch_accepts(tmp_path: Path) -> None:
+    for mem in ("480G", "0", "64000", "2t"):
+        assert load_config(write(tmp_path, BASE), [f"slurm.mem={mem}"]).slurm.mem == mem

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config import ModelConfig
 from bigft.errors import ModelError
 from bigft.model import load_model, load_tokenizer

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config_io import load_config
 from bigft.plan import choose_micro_batch
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.report import (
     best_point,
     config_diff,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bigft.cli import app
+from bigft.commands import app
 from bigft.config_io import load_config
 from bigft.errors import ConfigError
 from bigft.plan import get_gpu

@@ -1,4 +1,4 @@
-"""Command line: the only reader of sys.argv.
+"""`bigft` itself: the root typer app, its commands and `main()`, the console script.
 
 Heavy libraries (torch, transformers, datasets) are imported inside the commands that
 need them, so `bigft --help` and `bigft config show` start instantly.
@@ -6,22 +6,28 @@ need them, so `bigft --help` and `bigft config show` start instantly.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from bigft import __version__
 from bigft._compat import click_exceptions
+from bigft.commands.common import (
+    CONFIG_ARG,
+    OVERRIDES_ARG,
+    checked_overrides,
+    console,
+    out,
+    quiet_libraries,
+    user_errors,
+)
+from bigft.commands.plan import plan  # imports no torch: --simulate does, when run
+from bigft.commands.slurm import slurm_app
 from bigft.errors import BigftError
-from bigft.plan.cli import plan as _plan  # imports no torch: --simulate does, when run
-from bigft.slurm_cli import slurm_app
 
 _usage = click_exceptions()
 
@@ -78,55 +84,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(slurm_app, name="slurm")
 
-console = Console(stderr=True)
-out = Console()
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-CONFIG_ARG = typer.Argument(..., help="YAML config file.", show_default=False)
-OVERRIDES_ARG = typer.Argument(
-    None, help="Dotted overrides, e.g. optim.lr=1e-4 train.steps=100.", show_default=False
-)
-
-
-def _overrides(items: list[str] | None) -> list[str]:
-    """The command line's overrides; a key given twice is refused (config imported late:
-    `bigft --help` stays fast)."""
-    from bigft.config_io import user_overrides
-
-    return user_overrides(items)
-
-
-def user_errors(func: F) -> F:
-    """Turn user mistakes into one red line and exit code 2, with no traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except BigftError as exc:
-            # escaped: messages hold brackets that are not markup, e.g. pip install 'bigft[lora]'
-            message = escape(str(exc))
-            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter (progress bars, load reports) out of bigft's own output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
 
 def _version(value: bool) -> None:
     if value:
@@ -163,12 +120,12 @@ def train(
 
     from bigft.config_io import load_config
 
-    cfg = load_config(config, _overrides(overrides))
+    cfg = load_config(config, checked_overrides(overrides))
     from bigft.distributed import require_launcher
 
-    args = [str(config), *_overrides(overrides), *(["--overwrite"] if overwrite else [])]
+    args = [str(config), *checked_overrides(overrides), *(["--overwrite"] if overwrite else [])]
     require_launcher(cfg.parallel.strategy, shlex.join(args))
-    _quiet_libraries()
+    quiet_libraries()
     from bigft.train import run_training
 
     summary = run_training(cfg, console, overwrite)
@@ -192,8 +149,8 @@ def data_preview(
     if num < 1:
         raise BigftError(f"--num {num}: show at least 1 example")
 
-    cfg = load_config(config, _overrides(overrides))
-    _quiet_libraries()
+    cfg = load_config(config, checked_overrides(overrides))
+    quiet_libraries()
     from bigft.data import prepare_data
     from bigft.data.preview import preview
     from bigft.model import load_tokenizer
@@ -209,7 +166,8 @@ def config_show(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRID
     """Print the fully resolved config (defaults filled in, overrides applied)."""
     from bigft.config_io import dump_config, load_config
 
-    out.print(dump_config(load_config(config, _overrides(overrides))), highlight=False, end="")
+    cfg = load_config(config, checked_overrides(overrides))
+    out.print(dump_config(cfg), highlight=False, end="")
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -239,7 +197,7 @@ def launch(
     from bigft.launcher import isolated_workers
 
     _check_launch_flags(nproc, nnodes, node_rank, master_port)
-    load_config(config, _overrides(overrides))  # fail here, once, not in every process
+    load_config(config, checked_overrides(overrides))  # fail here, once, not in every process
     python_flags, worker_env = isolated_workers(Path.cwd(), sys.version_info[:2])
     cmd = [sys.executable, *python_flags, "-m", "torch.distributed.run"]
     cmd.append(f"--nproc_per_node={nproc}")
@@ -253,7 +211,7 @@ def launch(
             f"--rdzv_endpoint={master_addr}:{master_port}",
             "--rdzv_id=bigft",
         ]
-    cmd += ["-m", "bigft", "train", str(config), *_overrides(overrides)]
+    cmd += ["-m", "bigft", "train", str(config), *checked_overrides(overrides)]
     cmd += ["--overwrite"] if overwrite else []
     console.print(f"[dim]$ {shlex.join(cmd)}[/]", highlight=False, soft_wrap=True)
     if dry_run:
@@ -286,10 +244,10 @@ def demo(
     overrides: list[str] | None = OVERRIDES_ARG,
 ) -> None:
     """Tiny end-to-end fine-tune on CPU: make a base model, train, evaluate, export."""
-    _quiet_libraries()
+    quiet_libraries()
     from bigft.demo import run_demo
 
-    run_demo(output_dir, _overrides(overrides), console)
+    run_demo(output_dir, checked_overrides(overrides), console)
 
 
 @app.command("eval")
@@ -312,8 +270,8 @@ def eval_(
 
     from bigft.evaluation import evaluation_job
 
-    with evaluation_job(target, data, task, _overrides(overrides)) as job:
-        _quiet_libraries()
+    with evaluation_job(target, data, task, checked_overrides(overrides)) as job:
+        quiet_libraries()
         from bigft.evaluation import run_evaluation
 
         results = run_evaluation(job, console)
@@ -339,7 +297,7 @@ def export(
     ),
 ) -> None:
     """Export a run's final model: the adapter as is, or merged into a full model."""
-    _quiet_libraries()
+    quiet_libraries()
     from bigft.export import export_run
 
     try:
@@ -351,7 +309,7 @@ def export(
     console.print(f"[green]exported[/] {written}{note}")
 
 
-app.command("plan")(user_errors(_plan))
+app.command("plan")(plan)
 
 
 @app.command("report")

@@ -1,34 +1,32 @@
 """`bigft slurm ...`: the typer commands over bigft/slurm.py.
 
-Errors go through the main CLI's `user_errors` (one red line, exit code 2), imported when
-a command runs so that bigft.cli can import this module at the top without a cycle; the
-logic (pydantic, jinja2) is imported inside each command so `bigft --help` stays fast.
+Errors end as one red line and exit code 2 (`user_errors`, shared with the other commands);
+the logic (pydantic, jinja2) is imported inside each command so `bigft --help` stays fast.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
+from bigft.commands.common import (
+    CONFIG_ARG,
+    OVERRIDES_ARG,
+    checked_overrides,
+    console,
+    user_errors,
+)
 from bigft.errors import BigftError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 slurm_app = typer.Typer(
     help="Run on a Slurm cluster: render and submit sbatch jobs, follow them, sweep.",
     no_args_is_help=True,
 )
 
-CONFIG_ARG = typer.Argument(..., help="YAML config file.", show_default=False)
-OVERRIDES_ARG = typer.Argument(
-    None, help="Dotted overrides, e.g. optim.lr=1e-4 train.steps=100.", show_default=False
-)
 RUN_DIR_ARG = typer.Argument(..., help="The run's output_dir.", show_default=False)
 # Flags that override the config's `slurm` section (same names, see bigft/config.py).
 NODES = typer.Option(None, "--nodes", "-N", help="Nodes (slurm.nodes).")
@@ -52,30 +50,8 @@ OUTCOME_WORDS = {
 }
 
 
-def _user_errors(func: F) -> F:
-    """bigft.cli.user_errors, looked up at call time (bigft.cli imports this module)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from bigft.cli import user_errors
-
-        return user_errors(func)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def _say(message: str) -> None:
-    from bigft.cli import console
-
     console.print(message, highlight=False, soft_wrap=True)
-
-
-def _overrides(items: list[str] | None) -> list[str]:
-    """The command line's overrides; a key given twice is refused (config imported late:
-    `bigft --help` stays fast)."""
-    from bigft.config_io import user_overrides
-
-    return user_overrides(items)
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -94,7 +70,7 @@ def _flags(**values: Any) -> dict[str, Any]:
 
 
 @slurm_app.command()
-@_user_errors
+@user_errors
 def render(
     config: Path = CONFIG_ARG,
     overrides: list[str] | None = OVERRIDES_ARG,
@@ -118,7 +94,7 @@ def render(
         account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
         job_name=job_name,
     )  # fmt: skip
-    cfg = slurm.load_job_config(config, _overrides(overrides), flags)
+    cfg = slurm.load_job_config(config, checked_overrides(overrides), flags)
     script = slurm.prepare_job(cfg, config)
     sys.stdout.write(script.read_text())
     _say(f"[green]wrote[/] {script}")
@@ -127,7 +103,7 @@ def render(
 
 
 @slurm_app.command()
-@_user_errors
+@user_errors
 def submit(
     config: Path = CONFIG_ARG,
     overrides: list[str] | None = OVERRIDES_ARG,
@@ -150,7 +126,7 @@ def submit(
         account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
         job_name=job_name,
     )  # fmt: skip
-    cfg = slurm.load_job_config(config, _overrides(overrides), flags)
+    cfg = slurm.load_job_config(config, checked_overrides(overrides), flags)
     script = slurm.prepare_job(cfg, config)
     job_id = slurm.submit_script(script, script.parent, secrets=slurm.secret_env(cfg.slurm))
     print(job_id)
@@ -161,7 +137,7 @@ def submit(
 
 
 @slurm_app.command()
-@_user_errors
+@user_errors
 def status(run_dir: Path = RUN_DIR_ARG) -> None:
     """Show the Slurm state of a submitted run and how far its training got.
 
@@ -194,7 +170,7 @@ def status(run_dir: Path = RUN_DIR_ARG) -> None:
 
 
 @slurm_app.command()
-@_user_errors
+@user_errors
 def sweep(
     config: Path = CONFIG_ARG,
     overrides: list[str] | None = OVERRIDES_ARG,
@@ -221,7 +197,7 @@ def sweep(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
         account=account, qos=qos,
     )  # fmt: skip
-    overrides = _overrides(overrides)
+    overrides = checked_overrides(overrides)
     script, n = slurm.prepare_sweep(config, overrides, grid, flags, max_parallel)
     if dry_run:
         sys.stdout.write(script.read_text())
@@ -236,7 +212,7 @@ def sweep(
 
 
 @slurm_app.command("sweep-status")
-@_user_errors
+@user_errors
 def sweep_status(run_dir: Path = RUN_DIR_ARG) -> None:
     """One line per sweep task: its overrides, Slurm state, step and final eval loss."""
     from rich.console import Console

@@ -1,7 +1,7 @@
 """`bigft plan`: per-GPU memory, micro-batch and layouts, before any GPU time is spent.
 
-A typer command function; bigft/cli.py registers it. Nothing heavy is imported at module
-level (bigft --help stays free of torch); --simulate imports torch when it runs.
+A typer command function; bigft/commands/root.py registers it. Nothing heavy is imported
+at module level (bigft --help stays free of torch); --simulate imports torch when it runs.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import typer
 
+from bigft.commands.common import user_errors
 from bigft.errors import BigftError
 
 
+@user_errors
 def plan(
     config: Path | None = typer.Argument(
         None, help="YAML config file (optional with --model).", show_default=False
