@@ -94,10 +94,10 @@ def _clear_previous_demo(output_dir: Path, console: Console) -> None:
 def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Make the base model, score it, fine-tune, score again, export, show generations."""
     from bigft.config_io import load_config
-    from bigft.evaluate import exact_match
+    from bigft.eval.metrics import exact_match
+    from bigft.eval.split import generation_examples
     from bigft.tiny import save_tiny_base
     from bigft.train import setup, train
-    from bigft.validation import generation_examples
 
     # The config (with the user's overrides) is checked before anything is touched.
     base_dir = output_dir / "base-model"

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +21,9 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 from bigft.config import ParallelConfig, TrainConfig
 from bigft.errors import ConfigError
 from bigft.precision import resolve_precision
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
 
 
 def world_size_from_env() -> int:
@@ -361,6 +364,15 @@ def _check_engine(accelerator: Accelerator, strategy: str) -> None:
             f"parallel.strategy {strategy} was requested but accelerate set up "
             f"{accelerator.distributed_type}; check ACCELERATE_* variables and the launcher"
         )
+
+
+def print_on_main(
+    accelerator: Accelerator, console: Console, message: RenderableType, **options: Any
+) -> None:
+    """`console.print(message, **options)` on the main process only: every process runs
+    the code that reports, and one of them says it."""
+    if accelerator.is_main_process:
+        console.print(message, **options)
 
 
 def check_fsdp_layers(model: Any, parallel: ParallelConfig) -> None:

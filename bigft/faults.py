@@ -1,10 +1,10 @@
 """Test hooks: fault injection and instrumentation for the tests.
 
 Each hook does nothing unless its environment variable is set; real runs never set them,
-and an unset hook costs no per-step work (the loader asks once, at construction). They
-exist so that a test can produce, in a real multi-process run, the failures that
-otherwise only happen at scale (a NaN on one rank, a process killed while it writes),
-and observe what the run did (the rows each rank saw, each rank's full weights).
+and an unset hook costs no per-step work (the run and the loader ask once, when they are
+built). They exist so that a test can produce, in a real multi-process run, the failures
+that otherwise only happen at scale (a NaN on one rank, a process killed while it
+writes), and observe what the run did (the rows each rank saw, each rank's full weights).
 
     BIGFT_TEST_NONFINITE_STEPS=3,7   the loss of optimizer steps 3 and 7 becomes NaN
     BIGFT_TEST_NONFINITE_RANK=1      ... on that rank only (default: every rank)
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 NONFINITE_STEPS = "BIGFT_TEST_NONFINITE_STEPS"
 NONFINITE_RANK = "BIGFT_TEST_NONFINITE_RANK"
@@ -41,16 +40,17 @@ SEEN_ROWS = "BIGFT_TEST_SEEN_ROWS"
 WEIGHTS_DIGEST = "BIGFT_TEST_WEIGHTS_DIGEST"
 
 
-def nonfinite_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """`loss`, or NaN at the configured steps (the gradients then become NaN too, as they
-    do when a real forward pass overflows)."""
+def nonfinite_steps(rank: int) -> frozenset[int]:
+    """The optimizer steps whose loss this process makes NaN (the gradients then become
+    NaN too, as they do when a real forward pass overflows); empty unless a test asks.
+    Read once, when the run is set up."""
     steps = os.environ.get(NONFINITE_STEPS)
-    if not steps or step not in {int(s) for s in steps.split(",") if s.strip()}:
-        return loss
+    if not steps:
+        return frozenset()
     only = os.environ.get(NONFINITE_RANK)
     if only is not None and int(only) != rank:
-        return loss
-    return loss * float("nan")
+        return frozenset()
+    return frozenset(int(s) for s in steps.split(",") if s.strip())
 
 
 def crash_in_save(step: int) -> None:

@@ -17,22 +17,21 @@ Batch = dict[str, torch.Tensor]
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the positions that count, aligned with `logits_and_labels`."""
-    if labels.dim() == 2:
-        return labels[:, 1:] != -100
-    if labels.is_floating_point():
-        return ~torch.isnan(labels)
-    return labels != -100
-
-
-def _aligned_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Mask of labels already aligned with their logits (no shift)."""
+    """Boolean mask of the targets among labels aligned with their logits
+    (`aligned_labels`): -100 marks a token or row that is not one, NaN a regression
+    filler row."""
     return ~torch.isnan(labels) if labels.is_floating_point() else labels != -100
+
+
+def aligned_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A batch's labels aligned position by position with `logits_and_labels`' logits:
+    token labels (2-D) lose their first position, since position t predicts token t + 1."""
+    return labels[:, 1:] if labels.dim() == 2 else labels
 
 
 def count_targets(batch: Batch) -> int:
     """Targets in a batch: target tokens (causal LM) or real rows (classification)."""
-    return int(target_mask(batch["labels"]).sum())
+    return int(target_mask(aligned_labels(batch["labels"])).sum())
 
 
 def logits_and_labels(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,14 +44,14 @@ def logits_and_labels(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     if labels.dim() == 2:
-        return model(**inputs, use_cache=False).logits[:, :-1], labels[:, 1:]
+        return model(**inputs, use_cache=False).logits[:, :-1], aligned_labels(labels)
     return model(**inputs).logits, labels
 
 
 def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over targets, or summed squared error for regression."""
     if labels.is_floating_point():
-        mask = _aligned_mask(labels)
+        mask = target_mask(labels)
         # Filler rows hold NaN: replace before the arithmetic so no NaN reaches the graph.
         diff = logits.float().squeeze(-1) - torch.where(mask, labels, 0.0)
         return (diff.pow(2) * mask).sum()
@@ -70,7 +69,7 @@ def distill_loss_sum(
     """T^2 x KL(teacher || student) at temperature T, summed over target positions
     (Hinton et al.: T^2 keeps the gradient scale independent of T). Regression: squared
     distance to the teacher's prediction."""
-    mask = _aligned_mask(labels)
+    mask = target_mask(labels)
     if labels.is_floating_point():
         diff = (student.float() - teacher.float()).squeeze(-1)
         return (diff.pow(2) * mask).sum()
@@ -92,8 +91,8 @@ def loss_sum(
     temperature: float = 2.0,
     weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, number of targets) of one batch; with a teacher, the distillation
-    mix (1 - weight) x task + weight x T^2 x KL."""
+    """(summed loss, number of targets) of one batch, for training and evaluation alike;
+    with a teacher, the distillation mix (1 - weight) x task + weight x T^2 x KL."""
     logits, labels = logits_and_labels(model, batch)
     loss = task_loss_sum(logits, labels)
     if teacher is not None and weight > 0:
@@ -101,4 +100,4 @@ def loss_sum(
             teacher_logits, _ = logits_and_labels(teacher, batch)
         kd = distill_loss_sum(logits, teacher_logits, labels, temperature)
         loss = (1 - weight) * loss + weight * kd
-    return loss, target_mask(batch["labels"]).sum()
+    return loss, target_mask(labels).sum()

@@ -199,12 +199,3 @@ def apply_method(model: Any, cfg: Config) -> Any:
         100 * trainable / max(total, 1),
     )
     return model
-
-
-def is_peft_model(model: Any) -> bool:
-    """True for a peft-wrapped model (adapters), False for a plain transformers one."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)

@@ -94,6 +94,8 @@ class Run(EvalContext):
     total_steps: int
     output_dir: Path
     teacher: Any = None  # distillation teacher (frozen, eval mode)
+    # Test hook (bigft.faults): the steps whose loss this process makes NaN.
+    nonfinite_steps: frozenset[int] = frozenset()
     state: LoopState = field(default_factory=LoopState)
 
     def state_dict(self) -> dict[str, Any]:

@@ -38,11 +38,19 @@ from bigft.distributed import (
     engine_report,
     offloads_optimizer_step,
     peak_memory_mib,
+    print_on_main,
     world_size_from_env,
 )
 from bigft.errors import BigftError, TrainingError
-from bigft.evaluate import load_scorer
-from bigft.losses import count_targets, loss_sum
+from bigft.eval.during_training import (
+    best_text,
+    evaluate_run,
+    load_best,
+    tracks_best,
+    update_best,
+)
+from bigft.eval.metrics import load_scorer
+from bigft.losses import count_targets, loss_sum, target_mask
 from bigft.methods import apply_method
 from bigft.model import (
     attention_implementation,
@@ -61,14 +69,6 @@ from bigft.tracking import (
     start_tracking,
     strict_json,
     tensorboard_dir,
-)
-from bigft.validation import (
-    best_text,
-    evaluate_run,
-    load_best,
-    say,
-    tracks_best,
-    update_best,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -176,6 +176,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             total_steps=total_steps,
             output_dir=output_dir,
             teacher=teacher,
+            nonfinite_steps=faults.nonfinite_steps(accelerator.process_index),
         )
         _resume(run, resume)
     except BaseException:
@@ -286,8 +287,7 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator, overwrite: bool) 
     if failure is not None:
         raise BigftError(failure)
     for note in notes:
-        if accelerator.is_main_process:
-            Console(stderr=True).print(note, highlight=False)
+        print_on_main(accelerator, Console(stderr=True), note, highlight=False)
     accelerator.wait_for_everyone()
     return out
 
@@ -341,21 +341,23 @@ def _resume(run: Run, point: ckpt.ResumePoint | None) -> None:
     """Clean up after a killed save, load the checkpoint `_find_resume` chose, and cut
     metrics.jsonl back to what it held when that checkpoint was written."""
     for note in ckpt.clean_partial(run.accelerator, run.output_dir):
-        say(run, note)
+        print_on_main(run.accelerator, run.console, note)
     if point is None:
         # A run killed before its first checkpoint starts over: so does its log.
         if run.accelerator.is_main_process:
             run.metrics.rewind(-1)
         return
     for note in point.notes:
-        say(run, f"[yellow]{escape(note)}[/]")
+        print_on_main(run.accelerator, run.console, f"[yellow]{escape(note)}[/]")
     run.restore(point.path)
     loop = run.state
     warnings = [*loop.resumed["warnings"], *point.warnings]
     loop.resumed = {"from": str(point.path), "step": loop.step, "warnings": warnings}
     for warning in point.warnings:
-        say(run, f"[yellow]warning:[/] {escape(warning)}")
-    say(run, f"resumed from {escape(str(point.path))} at step {loop.step}")
+        print_on_main(run.accelerator, run.console, f"[yellow]warning:[/] {escape(warning)}")
+    print_on_main(
+        run.accelerator, run.console, f"resumed from {escape(str(point.path))} at step {loop.step}"
+    )
 
 
 def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
@@ -387,7 +389,8 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
     for batch in micro_batches:
         with acc.accumulate(model):
             summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run))
-            summed = faults.nonfinite_loss(summed, run.state.step + 1, acc.process_index)
+            if run.state.step + 1 in run.nonfinite_steps:  # a test's fault (bigft.faults)
+                summed = summed * float("nan")
             acc.backward(summed * scale)
             loss_total += summed.detach().double()
             if acc.sync_gradients:  # the step's last micro-batch: update, or skip it
@@ -479,7 +482,7 @@ def _real_tokens(batch: Batch) -> int:
     starts = batch["position_ids"].reshape(-1) == 0
     starts[0] = True
     segment = starts.long().cumsum(0) - 1
-    targets = (batch["labels"].reshape(-1) != -100).long()
+    targets = target_mask(batch["labels"]).reshape(-1).long()
     real = torch.bincount(segment, weights=targets.double()) > 0
     return int(real[segment].sum())
 
@@ -507,9 +510,8 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
 
 def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
     cfg, acc = run.cfg, run.accelerator
-    if acc.is_main_process:
-        run.console.print(startup_summary(run))
-    say(run, describe_groups(run.optimizer))
+    print_on_main(acc, run.console, startup_summary(run))
+    print_on_main(acc, run.console, describe_groups(run.optimizer))
     state = run.state
     if cfg.eval.at_start and state.step == 0:
         evaluate_run(run)
@@ -548,12 +550,16 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
             progress.update(task, completed=state.step)
             _stop_if_nonfinite(run, stats)
             if _evaluate_and_checkpoint(run):
-                say(run, f"early stopping at step {state.step}: {best_text(run)}")
+                print_on_main(
+                    acc, run.console, f"early stopping at step {state.step}: {best_text(run)}"
+                )
                 break
             reason = _stop_reason(run, stop_after, stats["stop_requests"])
             if reason is not None:
                 run.save()
-                say(run, f"stopped at step {state.step} ({reason}); checkpoint written")
+                print_on_main(
+                    acc, run.console, f"stopped at step {state.step} ({reason}); checkpoint written"
+                )
                 return {"steps": state.step, "stopped": reason, "output_dir": str(run.output_dir)}
     return _finish(run)
 
@@ -562,8 +568,9 @@ def _count_skipped(run: Run, stats: dict[str, float]) -> None:
     """Count and report a step whose update was held back for non-finite values."""
     if stats["nonfinite"] and not stats["applied"]:
         run.state.skipped_steps += 1
-        say(
-            run,
+        print_on_main(
+            run.accelerator,
+            run.console,
             f"[yellow]step {run.state.step}: {_nonfinite_text(stats)}: update skipped[/] "
             f"({run.state.skipped_steps} so far)",
         )

@@ -268,11 +268,11 @@ def eval_(
     accuracy / macro-F1 / AUC / confusion matrix; prints JSON."""
     import json
 
-    from bigft.evaluation import evaluation_job
+    from bigft.eval.standalone import evaluation_job
 
     with evaluation_job(target, data, task, checked_overrides(overrides)) as job:
         quiet_libraries()
-        from bigft.evaluation import run_evaluation
+        from bigft.eval.standalone import run_evaluation
 
         results = run_evaluation(job, console)
     if os.environ.get("RANK", "0") == "0":

@@ -157,7 +157,7 @@ def simulate_depth(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.autograd.graph import register_multi_grad_hook
 
-    from bigft.evaluate import token_loss_sum
+    from bigft.losses import loss_sum
 
     spec = work.arch.with_layers(n_frozen + n_trainable)
     dtype = torch.float32 if work.frozen_weight_bytes == 4 else torch.bfloat16  # load dtype
@@ -232,7 +232,7 @@ def simulate_depth(
             layer.register_forward_hook(on_layer_output(i)) for i, layer in enumerate(layers)
         ]
         with tracker:
-            loss, _ = token_loss_sum(model, batch)
+            loss, _ = loss_sum(model, batch)
             in_backward = True
             loss.backward()
             phases["post"] = _snap(tracker)

@@ -214,7 +214,7 @@ def test_eval_and_scorer_mistakes_are_one_line(tiny_base, tmp_path) -> None:
 
     from bigft.commands import app
     from bigft.errors import ConfigError
-    from bigft.evaluate import load_scorer
+    from bigft.eval.metrics import load_scorer
 
     path = write_config(tmp_path / "c.yaml", tiny_base, tmp_path / "x.jsonl")
     with pytest.raises(ConfigError, match="module:function"):

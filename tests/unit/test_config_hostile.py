@@ -366,7 +366,7 @@ class Score:
 def test_scorer_must_take_predictions_and_references(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, expected: str
 ) -> None:
-    from bigft.evaluate import load_scorer
+    from bigft.eval.metrics import load_scorer
 
     module = f"scorers_{name.lower()}"
     (tmp_path / f"{module}.py").write_text(SCORERS)
@@ -381,7 +381,7 @@ def test_scorer_must_take_predictions_and_references(
 def test_scorer_checks_library_functions_and_failing_imports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bigft.evaluate import load_scorer
+    from bigft.eval.metrics import load_scorer
 
     with pytest.raises(ConfigError, match=r"^eval\.scorer: 'os:getcwd' cannot be called as "):
         load_scorer("os:getcwd")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bigft.eval.metrics import classification_metrics, regression_metrics
 from bigft.losses import count_targets, distill_loss_sum, task_loss_sum
-from bigft.metrics import classification_metrics, regression_metrics
 
 
 def test_count_targets_per_task() -> None:

@@ -183,10 +183,10 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     from bigft.data import prepare_data
     from bigft.data.labeled import prepare_labeled
     from bigft.distributed import batch_layout, build_accelerator, launched, world_size_from_env
+    from bigft.eval.split import evaluate_split
     from bigft.model import load_model, load_tokenizer
     from bigft.run import EvalContext
     from bigft.tracking import MetricsLog
-    from bigft.validation import evaluate_split
 
     cfg = job.cfg
     if not launched():

@@ -1,4 +1,11 @@
-"""Evaluation: token-level loss / perplexity, and exact match by generation."""
+"""The numbers an evaluation reports, from a model and batches or examples.
+
+Causal LM: loss per target token and perplexity (`evaluate_loss`, through the training
+loss `bigft.losses.loss_sum`), exact match of greedy answers (`exact_match`).
+Classification / regression: accuracy, macro-F1, AUC-ROC and the confusion matrix, or
+MSE / MAE / R^2, computed with scikit-learn (`evaluate_labeled`). A user's own metrics:
+`load_scorer` (eval.scorer).
+"""
 
 from __future__ import annotations
 
@@ -12,17 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over target tokens, number of target tokens).
-
-    Labels are aligned with input_ids (-100 = not a target); the shift happens in
-    `bigft.losses.logits_and_labels`.
-    """
-    from bigft.losses import logits_and_labels, target_mask, task_loss_sum
-
-    logits, labels = logits_and_labels(model, batch)
-    return task_loss_sum(logits, labels), target_mask(batch["labels"]).sum()
+from bigft.losses import logits_and_labels, loss_sum, target_mask, task_loss_sum
 
 
 @torch.no_grad()
@@ -35,12 +32,12 @@ def evaluate_loss(
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        loss, tokens = token_loss_sum(model, batch)
+        loss, tokens = loss_sum(model, batch)
         total += torch.stack([loss.double(), tokens.double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
-    loss_sum, tokens = total.tolist()
-    mean = loss_sum / max(tokens, 1.0)
+    summed, tokens = total.tolist()
+    mean = summed / max(tokens, 1.0)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(tokens)}
 
 
@@ -121,9 +118,6 @@ def evaluate_labeled(
     """
     from accelerate.utils import gather_object
 
-    from bigft.losses import logits_and_labels, target_mask, task_loss_sum
-    from bigft.metrics import classification_metrics, regression_metrics
-
     was_training = model.training
     model.eval()
     local: list[tuple[np.ndarray, np.ndarray]] = []
@@ -143,6 +137,57 @@ def evaluate_labeled(
     if label_names is None:
         return {"eval_loss": mean, **regression_metrics(logits_np, labels_np)}
     return {"eval_loss": mean, **classification_metrics(logits_np, labels_np, label_names)}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def classification_metrics(
+    logits: np.ndarray, labels: np.ndarray, names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, AUC-ROC and the confusion matrix (rows: true, columns: predicted).
+
+    AUC is one-vs-rest macro for more than two classes; it is left out (None) when the
+    labels hold a single class, where it is undefined.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+    classes = list(range(len(names)))
+    preds = logits.argmax(axis=-1)
+    probs = softmax(logits.astype(np.float64))
+    present = np.unique(labels)
+    auc: float | None = None
+    if len(present) == len(classes):
+        if len(classes) == 2:
+            auc = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=classes))
+    return {
+        "eval_accuracy": float(accuracy_score(labels, preds)),
+        "eval_f1_macro": float(
+            f1_score(labels, preds, labels=classes, average="macro", zero_division=0)
+        ),
+        "eval_auc": auc,
+        "eval_examples": len(labels),
+        "confusion_matrix": confusion_matrix(labels, preds, labels=classes).tolist(),
+        "label_names": list(names),
+    }
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """Mean squared / absolute error and R^2 of scalar predictions."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    predictions = predictions.reshape(-1)
+    return {
+        "eval_mse": float(mean_squared_error(targets, predictions)),
+        "eval_mae": float(mean_absolute_error(targets, predictions)),
+        "eval_r2": float(r2_score(targets, predictions)) if len(targets) > 1 else None,
+        "eval_examples": len(targets),
+    }
 
 
 def load_scorer(spec: str) -> Callable[..., Any]:

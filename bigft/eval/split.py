@@ -1,0 +1,121 @@
+"""Scoring one split of prepared data on every process at once: the evaluation that a
+training run (`bigft.eval.during_training`) and `bigft eval` (`bigft.eval.standalone`)
+share.
+
+`evaluate_split` reports loss / perplexity and exact match for causal LM, accuracy / F1 /
+AUC or MSE / MAE for labelled tasks, and eval.scorer's metrics; it writes them to
+metrics.jsonl and prints them on the main process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from bigft.data import ShardedLoader, pack, prompt_and_reference
+from bigft.data.labeled import make_collator
+from bigft.distributed import print_on_main
+from bigft.errors import BigftError
+from bigft.eval.metrics import evaluate_labeled, evaluate_loss, exact_match, load_scorer
+from bigft.model import attention_implementation
+from bigft.run import EvalContext
+
+Batch = dict[str, torch.Tensor]
+
+
+def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
+    """Eval loss/perplexity (all processes) and, if enabled, exact match (every process
+    generates the same examples, so sharded engines stay in step), logged at `step`."""
+    cfg = ctx.cfg
+    result: dict[str, Any] = {}
+    if getattr(ctx.data, split) is not None and cfg.task != "causal_lm":
+        batches = eval_batches(ctx, split)
+        result.update(evaluate_labeled(ctx.model, batches, ctx.accelerator, ctx.label_names))
+    elif getattr(ctx.data, split) is not None:
+        result.update(evaluate_loss(ctx.model, eval_batches(ctx, split), ctx.accelerator))
+    gen = cfg.eval.generate
+    rows = getattr(ctx.data, split)
+    if gen.enabled and rows is not None and len(rows) and cfg.data.format != "text":
+        examples = generation_examples(rows, ctx.tokenizer, gen.num_examples)
+        scored = exact_match(
+            ctx.accelerator.unwrap_model(ctx.model),
+            ctx.tokenizer,
+            examples,
+            gen.max_new_tokens,
+            gen.batch_size,
+            ctx.accelerator.device,
+        )
+        result["exact_match"] = scored["exact_match"]
+        result["samples"] = scored["samples"][:8]
+        if cfg.eval.scorer is not None:
+            scorer = load_scorer(cfg.eval.scorer)
+            predictions = [s["prediction"] for s in scored["samples"]]
+            references = [s["reference"] for s in scored["samples"]]
+            scores = scorer(predictions, references)
+            if not isinstance(scores, dict) or not all(isinstance(k, str) for k in scores):
+                raise BigftError(
+                    f"eval.scorer '{cfg.eval.scorer}' returned {type(scores).__name__}: "
+                    "it must return a dict of metric name -> number"
+                )
+            result.update(scores)
+    if result:
+        ctx.metrics.write({"step": step, "split": split, **scalars(result)})
+        shown = " ".join(
+            f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in scalars(result).items()
+        )
+        print_on_main(ctx.accelerator, ctx.console, f"step {step} {split}: {shown}")
+    return result
+
+
+def eval_batches(ctx: EvalContext, split: str) -> Iterator[Batch]:
+    rows = getattr(ctx.data, split)
+    if rows is None or len(rows) == 0:
+        return iter(())
+    cfg = ctx.cfg
+    if cfg.data.packing and cfg.task == "causal_lm":
+        rows = pack(rows, cfg.train.seq_len, cfg.train.seed, ctx.tokenizer.pad_token_id)
+    loader = ShardedLoader(
+        rows,
+        batch_size=cfg.eval.batch_size or ctx.layout.micro_batch_size,
+        rank=ctx.accelerator.process_index,
+        world_size=ctx.accelerator.num_processes,
+        seed=cfg.train.seed,
+        shuffle=False,
+        collate=make_collator(cfg, ctx.tokenizer, attention_implementation(ctx.model)),
+        drop_last=False,
+    )
+    # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
+    # run the same number of forwards, so a process short of rows repeats its last batch
+    # with every label masked (it adds nothing to the loss).
+    count = loader.batches_per_epoch
+    if cfg.eval.max_batches is not None:
+        count = min(count, cfg.eval.max_batches)
+    return _fill_batches(loader.iter_epoch(), count, lambda: loader.collate([rows[0]]))
+
+
+def _fill_batches(
+    batches: Iterator[Batch], count: int, first_row: Callable[[], Batch]
+) -> Iterator[Batch]:
+    last: Batch | None = None
+    for _ in range(count):
+        batch = next(batches, None)
+        if batch is None:
+            filler = last if last is not None else first_row()
+            blank = float("nan") if filler["labels"].is_floating_point() else -100
+            batch = {**filler, "labels": torch.full_like(filler["labels"], blank)}
+        last = batch
+        yield batch
+
+
+def generation_examples(rows: Any, tokenizer: Any, limit: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference answer) for the first `limit` held-out rows."""
+    n = min(limit, len(rows))
+    return [
+        prompt_and_reference(rows[i]["input_ids"], rows[i]["labels"], tokenizer) for i in range(n)
+    ]
+
+
+def scalars(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}
