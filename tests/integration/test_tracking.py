@@ -49,7 +49,7 @@ def test_tensorboard_matches_metrics_across_resume_and_keeps_secrets_out(
     assert train(first, stop_after=4)["stopped"] == "stop_after"
     first.accelerator.end_training()
     second = setup(cfg)
-    assert second.step == 4
+    assert second.state.step == 4
     train(second)
     second.accelerator.end_training()
 
