@@ -28,8 +28,8 @@ from bigft import checkpoint as ckpt
 from bigft import faults, preemption, rundir
 from bigft.config import Config
 from bigft.config_io import dump_config, redacted_config
-from bigft.data import ShardedLoader, pack, prepare_data
-from bigft.data.labeled import make_collator, prepare_labeled
+from bigft.data import ShardedLoader, pack
+from bigft.data.labeled import make_collator, prepare_for_task
 from bigft.distributed import (
     adopt_launcher_strategy,
     batch_layout,
@@ -96,14 +96,10 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     set_seed(cfg.train.seed)
     _check_model_sources(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    label_names = None
     with accelerator.main_process_first():
-        if cfg.task == "causal_lm":
-            data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
-        else:
-            data, label_names = prepare_labeled(
-                cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
-            )
+        data, label_names = prepare_for_task(
+            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
+        )
 
     if tracks_best(cfg) and data.validation is None:
         raise BigftError(

@@ -19,7 +19,13 @@ from datasets import Dataset
 
 from bigft.config import Config, DataConfig
 from bigft.data.packing import Collator, needs_flat_packing
-from bigft.data.pipeline import DataStats, PreparedData, SplitStats, assemble_splits
+from bigft.data.pipeline import (
+    DataStats,
+    PreparedData,
+    SplitStats,
+    assemble_splits,
+    prepare_data,
+)
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
 
@@ -107,6 +113,16 @@ class _Encode:
             out["error"].append(error)
             out["length"].append(len(ids))
         return out
+
+
+def prepare_for_task(
+    cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: str
+) -> tuple[PreparedData, list[str] | None]:
+    """The rows of any task: token rows for causal_lm, labelled rows (and the class names,
+    None for regression) otherwise."""
+    if task == "causal_lm":
+        return prepare_data(cfg, tokenizer, seq_len, seed), None
+    return prepare_labeled(cfg, tokenizer, seq_len, seed, task)
 
 
 def prepare_labeled(

@@ -180,8 +180,7 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     model's config.id2label, or for an adapter the run's data.label_names or training
     labels; otherwise the labels of the scored rows.
     """
-    from bigft.data import prepare_data
-    from bigft.data.labeled import prepare_labeled
+    from bigft.data.labeled import prepare_for_task
     from bigft.distributed import batch_layout, build_accelerator, launched, world_size_from_env
     from bigft.eval.split import evaluate_split
     from bigft.model import load_model, load_tokenizer
@@ -196,15 +195,11 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     layout = batch_layout(cfg.train, world_size_from_env(), None)
     accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
     tokenizer = load_tokenizer(cfg.model)
-    label_names = None
-    if cfg.task == "causal_lm":
-        data = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
-    else:
-        if cfg.task == "classification" and cfg.data.label_names is None:
-            cfg.data.label_names = _trained_label_names(job)
-        data, label_names = prepare_labeled(
-            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
-        )
+    if cfg.task == "classification" and cfg.data.label_names is None:
+        cfg.data.label_names = _trained_label_names(job)
+    data, label_names = prepare_for_task(
+        cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
+    )
     quant = cfg.method.quant if job.adapter is not None and cfg.method.name == "qlora" else None
     model = load_model(
         cfg.model,
