@@ -18,7 +18,7 @@ tokenizer and loaded back by bigft's own loading code. --tiny: a 2-layer Llama o
    batch under flash (without flash-attn: a probe with flash's control flow) shows the
    cross-sequence attention the flattening prevents.
 2. planner memory: LoRA, QLoRA and full fine-tuning through `bigft.config_io.load_config`,
-   `bigft.train.setup` and the loop's `train_step` (bf16, checkpointing as the recipes in
+   `bigft.loop.setup.setup` and the loop's `train_step` (bf16, checkpointing as the recipes in
    configs/): torch.cuda.max_memory_allocated over steady-state steps against the
    planner's tensor peak for the same config and micro-batch.
 3. throughput: tokens/s of those steps; MFU = model FLOPs / time / the GPU's dense bf16
@@ -229,13 +229,13 @@ def free_device_memory() -> None:
 
 @contextmanager
 def bigft_run(config: Path) -> Iterator[Any]:
-    """`bigft.train.setup` on a config file; afterwards everything the run held is freed
+    """`bigft.loop.setup.setup` on a config file; afterwards everything the run held is freed
     and accelerate's per-process state reset, so the next check can build another engine."""
     from accelerate.state import AcceleratorState
     from rich.console import Console
 
     from bigft.config_io import load_config
-    from bigft.train import setup
+    from bigft.loop.setup import setup
 
     run = setup(load_config(config), Console(stderr=True))
     try:
@@ -344,7 +344,8 @@ def check_packed_isolation(s: Settings) -> dict[str, Any]:
     from bigft.config import Config, ModelConfig
     from bigft.data.labeled import make_collator
     from bigft.data.packing import pack
-    from bigft.model import attention_implementation, load_model, load_tokenizer
+    from bigft.model.attention import attention_implementation
+    from bigft.model.load import load_model, load_tokenizer
 
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda else "float32"  # flash-attention computes in 16 bits only
@@ -491,9 +492,9 @@ def check_method(s: Settings, method: str) -> dict[str, Any]:
     """Checks 2 and 3 for one method: warm-up steps, then measured steps of bigft's loop."""
     import torch
 
-    from bigft.model import count_parameters
+    from bigft.loop.step import train_step
+    from bigft.model.load import count_parameters
     from bigft.plan.arch import load_arch
-    from bigft.train import train_step
 
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         reason = "skipped: bitsandbytes not installed (pip install 'bigft[quant]')"
@@ -640,9 +641,9 @@ def check_fsdp2(s: Settings) -> dict[str, Any]:
     """Check 4: one-process FSDP2 through bigft reduces gradients in float32."""
     import torch
 
-    from bigft.distributed import engine_report
+    from bigft.engine.facts import engine_report
+    from bigft.loop.step import train_step
     from bigft.losses import loss_sum
-    from bigft.train import train_step
 
     fsdp2 = {"parallel": {"strategy": "fsdp2"}}
     config = write_run_config(s, "fsdp2", "full", s.full_layers, **fsdp2)

@@ -7,7 +7,7 @@ ranks receive their shards; `fsdp2-every-rank` turns that off for comparison).
                              [--strategies ddp,zero3,fsdp2,fsdp2-every-rank]
                              [--set parallel.reduce_bucket_size=50000000 ...]
 
-Each run is `bigft.train.setup` (accelerator, data, model, `accelerator.prepare`) and then,
+Each run is `bigft.loop.setup.setup` (accelerator, data, model, `accelerator.prepare`) and then,
 unless --load-only, `train`; `ru_maxrss` of every rank is read after setup ("load") and
 after training ("train"). The checkpoint is saved in bf16, as published checkpoints are,
 and trained in fp32 (bigft's default), so every rank that reads it makes an fp32 copy.
@@ -126,8 +126,9 @@ def make_base(out: Path, size: str) -> tuple[Path, int]:
 def worker(cfg_path: Path, out: Path, overrides: list[str], load_only: bool) -> None:
     """One rank: setup (and train); rank 0 writes every rank's peak RSS."""
     from bigft.config_io import load_config
-    from bigft.distributed import peak_rss_mib_per_rank
-    from bigft.train import setup, train
+    from bigft.engine.facts import peak_rss_mib_per_rank
+    from bigft.loop.setup import setup
+    from bigft.loop.train import train
 
     run = setup(load_config(cfg_path, overrides))
     result = {"load": peak_rss_mib_per_rank(run.accelerator)}

@@ -6,7 +6,7 @@
 
 Runs, each in its own process:
 
-- bigft-packed: `bigft.train` with data.packing=true (best-fit-decreasing packing,
+- bigft-packed: `bigft.loop.train` with data.packing=true (best-fit-decreasing packing,
   per-sequence position_ids);
 - bigft-padded: the same with data.packing=false (micro-batches padded to their longest row);
 - trainer-padded / trainer-grouped: transformers `Trainer` with `DataCollatorForSeq2Seq`
@@ -304,9 +304,9 @@ def run_bigft(root: Path, s: Setting, packed: bool) -> None:
     import yaml
     from rich.console import Console
 
-    import bigft.train as bt
+    import bigft.loop.train as bt
     from bigft.config_io import load_config
-    from bigft.run import Run
+    from bigft.loop.run import Run
 
     name = "bigft-packed" if packed else "bigft-padded"
     config = {

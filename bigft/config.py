@@ -505,6 +505,23 @@ class TrainConfig(Section):
         description="nonfinite skip: stop as 'stop' does once more than this many steps of "
         "the run were skipped; null: never.",
     )
+    loss_impl: Literal["auto", "chunked", "full", "liger"] = Field(
+        "auto",
+        description="Causal-LM loss: 'chunked' computes lm_head + cross-entropy inside the "
+        "lm_head call loss_chunk tokens at a time, never holding the B x L x vocab logits; "
+        "'full' materialises them; 'liger' uses liger-kernel's fused kernel (CUDA, pip "
+        "install liger-kernel); 'auto' is chunked unless the model rescales or caps its "
+        "logits (Gemma-2 softcapping, Cohere, Granite) or its lm_head is not a plain "
+        "Linear, then full (summary.json says which and why).",
+    )
+    loss_chunk: int = Field(
+        256,
+        gt=0,
+        description="loss_impl chunked: token positions per chunk. 256 keeps a chunk's "
+        "logits (bf16 + fp32 copy + fp32 gradient) at ~0.33 GB for Llama-3's 128,256-token "
+        "vocabulary, against ~5 GB at 4,096 tokens unchunked; larger chunks do fewer, "
+        "bigger matmuls.",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod

@@ -55,7 +55,7 @@ def write_demo_data(out_dir: Path = DEMO_DIR) -> None:
 
 def _plan_table(run: Any) -> Table:
     """What the run will hold in memory (fp32 weights, grads, AdamW states) and its batch."""
-    from bigft.model import count_parameters
+    from bigft.model.load import count_parameters
 
     trainable, total = count_parameters(run.accelerator.unwrap_model(run.model))
     mib = 1024**2
@@ -96,8 +96,9 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     from bigft.config_io import load_config
     from bigft.eval.metrics import exact_match
     from bigft.eval.split import generation_examples
+    from bigft.loop.setup import setup
+    from bigft.loop.train import train
     from bigft.tiny import save_tiny_base
-    from bigft.train import setup, train
 
     # The config (with the user's overrides) is checked before anything is touched.
     base_dir = output_dir / "base-model"

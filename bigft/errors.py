@@ -42,3 +42,7 @@ def require(package: str, extra: str, purpose: str) -> None:
             f"{purpose} needs the optional package '{package}': "
             f"pip install 'bigft[{extra}]' (or pip install {package})"
         )
+
+
+class RowError(ValueError):
+    """A problem with one data row; the data pipeline prefixes it with `file:line`."""

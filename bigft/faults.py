@@ -84,7 +84,7 @@ def instrumentation(accelerator: Any, model: Any) -> dict[str, Any]:
     """What a test asked to see of the finished run (empty unless asked)."""
     if os.environ.get(WEIGHTS_DIGEST) != "1":
         return {}
-    from bigft.distributed import full_weights_digest, peak_rss_mib_per_rank
+    from bigft.engine.facts import full_weights_digest, peak_rss_mib_per_rank
 
     return {
         "weights_sha256_per_rank": full_weights_digest(accelerator, model),

@@ -15,7 +15,7 @@ from torch import nn
 
 from bigft.config import OptimConfig, ScheduleConfig
 from bigft.errors import BigftError, ConfigError, require
-from bigft.methods import find_decoder_layers, layer_index
+from bigft.model.methods import find_decoder_layers, layer_index
 
 log = logging.getLogger(__name__)
 

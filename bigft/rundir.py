@@ -57,7 +57,7 @@ def check_output_dir(out: Path, resume: str, overwrite: bool) -> None:
             f"output_dir '{out}' holds a previous run; continue it with train.resume=auto, "
             "choose a new output_dir, or pass --overwrite to move the old run aside"
         )
-    from bigft.checkpoint import list_checkpoints
+    from bigft.engine.checkpoint import list_checkpoints
 
     if resume == "auto" and not list_checkpoints(out) and (out / "summary.json").is_file():
         raise BigftError(

@@ -29,7 +29,7 @@ OVERRIDES_ARG = typer.Argument(
 def checked_overrides(items: list[str] | None) -> list[str]:
     """The command line's overrides; a key given twice is refused (config imported late:
     `bigft --help` stays fast)."""
-    from bigft.config_io import user_overrides
+    from bigft.config_yaml import user_overrides
 
     return user_overrides(items)
 

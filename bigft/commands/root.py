@@ -121,17 +121,17 @@ def train(
     from bigft.config_io import load_config
 
     cfg = load_config(config, checked_overrides(overrides))
-    from bigft.distributed import require_launcher
+    from bigft.engine.accelerator import require_launcher
 
     args = [str(config), *checked_overrides(overrides), *(["--overwrite"] if overwrite else [])]
     require_launcher(cfg.parallel.strategy, shlex.join(args))
     quiet_libraries()
-    from bigft.train import run_training
+    from bigft.loop.train import run_training
 
     summary = run_training(cfg, console, overwrite)
     if "final_model" in summary and os.environ.get("RANK", "0") == "0":
         console.print(f"[green]done[/]: model exported to {summary['final_model']}")
-    from bigft.slurm import after_stop
+    from bigft.slurm.queue import after_stop
 
     after_stop(summary, console)  # under Slurm: requeue after a USR1 stop
 
@@ -153,7 +153,7 @@ def data_preview(
     quiet_libraries()
     from bigft.data import prepare_data
     from bigft.data.preview import preview
-    from bigft.model import load_tokenizer
+    from bigft.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
@@ -194,7 +194,7 @@ def launch(
     import subprocess
 
     from bigft.config_io import load_config
-    from bigft.launcher import isolated_workers
+    from bigft.engine.launcher import isolated_workers
 
     _check_launch_flags(nproc, nnodes, node_rank, master_port)
     load_config(config, checked_overrides(overrides))  # fail here, once, not in every process
@@ -298,7 +298,7 @@ def export(
 ) -> None:
     """Export a run's final model: the adapter as is, or merged into a full model."""
     quiet_libraries()
-    from bigft.export import export_run
+    from bigft.model.export import export_run
 
     try:
         existed = out_dir.expanduser().is_dir() and any(out_dir.expanduser().iterdir())
@@ -321,7 +321,7 @@ def report(
     ),
 ) -> None:
     """Plot a run's metrics and write report.md: final and best evaluations, throughput."""
-    from bigft.report import write_report
+    from bigft.report.render import write_report
 
     out.print(str(write_report(run_dir, out_dir)), highlight=False, soft_wrap=True)
 
@@ -338,7 +338,7 @@ def compare(
     ),
 ) -> None:
     """Compare runs: results and config differences side by side, overlaid curves."""
-    from bigft.report import compare_runs
+    from bigft.report.render import compare_runs
 
     written = compare_runs(run_dirs, out_dir, metric, out)
     out.print(f"wrote {' and '.join(map(str, written))}", highlight=False, soft_wrap=True)

@@ -1,4 +1,4 @@
-"""`bigft slurm ...`: the typer commands over bigft/slurm.py.
+"""`bigft slurm ...`: the typer commands over the bigft.slurm package.
 
 Errors end as one red line and exit code 2 (`user_errors`, shared with the other commands);
 the logic (pydantic, jinja2) is imported inside each command so `bigft --help` stays fast.
@@ -40,7 +40,7 @@ EXCLUSIVE = typer.Option(None, "--exclusive/--shared", help="Whole nodes (slurm.
 MEM = typer.Option(None, "--mem", help="Memory per node, e.g. 480G (slurm.mem).")
 JOB_NAME = typer.Option(None, "--job-name", "-J", help="Job name (slurm.job_name).")
 CHECK = typer.Option(False, "--check", help="Validate with `sbatch --test-only`.")
-# How `status` words a job's outcome (bigft.slurm.job_status).
+# How `status` words a job's outcome (bigft.slurm.queue.job_status).
 OUTCOME_WORDS = {
     "pending": "queued",
     "running": "in progress",
@@ -87,19 +87,20 @@ def render(
     check: bool = CHECK,
 ) -> None:
     """Write the sbatch script into OUTPUT_DIR/slurm/ and print it (nothing is submitted)."""
-    from bigft import slurm
+    from bigft.slurm.job import load_job_config, prepare_job
+    from bigft.slurm.queue import check_script
 
     flags = _flags(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
         account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
         job_name=job_name,
     )  # fmt: skip
-    cfg = slurm.load_job_config(config, checked_overrides(overrides), flags)
-    script = slurm.prepare_job(cfg, config)
+    cfg = load_job_config(config, checked_overrides(overrides), flags)
+    script = prepare_job(cfg, config)
     sys.stdout.write(script.read_text())
     _say(f"[green]wrote[/] {script}")
     if check:
-        _say(f"[green]sbatch --test-only[/]: {slurm.check_script(script)}")
+        _say(f"[green]sbatch --test-only[/]: {check_script(script)}")
 
 
 @slurm_app.command()
@@ -119,16 +120,17 @@ def submit(
     job_name: str | None = JOB_NAME,
 ) -> None:
     """Render the sbatch script, submit it, and keep script and job id in the run dir."""
-    from bigft import slurm
+    from bigft.slurm.job import load_job_config, prepare_job, secret_env
+    from bigft.slurm.queue import submit_script
 
     flags = _flags(
         nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time,
         account=account, qos=qos, constraint=constraint, exclusive=exclusive, mem=mem,
         job_name=job_name,
     )  # fmt: skip
-    cfg = slurm.load_job_config(config, checked_overrides(overrides), flags)
-    script = slurm.prepare_job(cfg, config)
-    job_id = slurm.submit_script(script, script.parent, secrets=slurm.secret_env(cfg.slurm))
+    cfg = load_job_config(config, checked_overrides(overrides), flags)
+    script = prepare_job(cfg, config)
+    job_id = submit_script(script, script.parent, secrets=secret_env(cfg.slurm))
     print(job_id)
     _say(
         f"[green]submitted[/] job {job_id}: {script}\n"
@@ -144,9 +146,9 @@ def status(run_dir: Path = RUN_DIR_ARG) -> None:
     Exits with 1 when the job failed (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL,
     ... or it ended before training finished), and then shows the end of its log.
     """
-    from bigft import slurm
+    from bigft.slurm.queue import job_status
 
-    found = slurm.job_status(run_dir)
+    found = job_status(run_dir)
     progress = found["progress"]
     if not found["states"]:
         print(f"job {found['job_id']}: no longer known to Slurm (finished long ago?)")
@@ -189,7 +191,9 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Render and print; don't submit."),
 ) -> None:
     """Submit one job array: one task, run directory and resolved config per grid point."""
-    from bigft import slurm
+    from bigft.slurm.job import load_job_config, secret_env
+    from bigft.slurm.queue import submit_script
+    from bigft.slurm.sweep import prepare_sweep
 
     if max_parallel is not None and max_parallel < 1:
         raise BigftError(f"--max-parallel {max_parallel}: must be at least 1")
@@ -198,15 +202,13 @@ def sweep(
         account=account, qos=qos,
     )  # fmt: skip
     overrides = checked_overrides(overrides)
-    script, n = slurm.prepare_sweep(config, overrides, grid, flags, max_parallel)
+    script, n = prepare_sweep(config, overrides, grid, flags, max_parallel)
     if dry_run:
         sys.stdout.write(script.read_text())
         _say(f"[green]wrote[/] {script} ({n} tasks); not submitted")
         return
-    base = slurm.load_job_config(config, overrides, flags)
-    job_id = slurm.submit_script(
-        script, script.parent, array_size=n, secrets=slurm.secret_env(base.slurm)
-    )
+    base = load_job_config(config, overrides, flags)
+    job_id = submit_script(script, script.parent, array_size=n, secrets=secret_env(base.slurm))
     print(job_id)
     _say(f"[green]submitted[/] array job {job_id} with {n} tasks: {script}")
 
@@ -218,10 +220,10 @@ def sweep_status(run_dir: Path = RUN_DIR_ARG) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from bigft import slurm
+    from bigft.slurm.sweep import sweep_rows
 
     table = Table("task", "overrides", "state", "step", "eval_loss", "output_dir")
-    rows = slurm.sweep_rows(run_dir)
+    rows = sweep_rows(run_dir)
     for row in sorted(rows, key=lambda r: r.get("eval_loss", float("inf"))):
         loss = row.get("eval_loss")
         table.add_row(

@@ -20,10 +20,10 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets
 
 from bigft import __version__
 from bigft.config import DataConfig
-from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter, RowError
+from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter
 from bigft.data.packing import bin_pack
 from bigft.data.sources import load_rows, row_location
-from bigft.errors import DataError
+from bigft.errors import DataError, RowError
 
 SPLITS = ("train", "validation", "test")
 DROP_REASONS = ("empty", "duplicate", "too_long")

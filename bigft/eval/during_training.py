@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bigft import checkpoint as ckpt
 from bigft.config import Config
-from bigft.distributed import print_on_main
+from bigft.engine.accelerator import print_on_main
+from bigft.engine.checkpoint import best_checkpoint
+from bigft.engine.resume import load_checkpoint
 from bigft.errors import BigftError
 from bigft.eval.split import evaluate_split, scalars
-from bigft.run import Run
+from bigft.loop.run import Run
 
 
 def evaluate_run(run: Run, split: str = "validation") -> dict[str, Any]:
@@ -75,10 +76,10 @@ def load_best(run: Run) -> bool:
         return False
     if best["step"] == run.state.step:
         return False
-    path = ckpt.best_checkpoint(run.output_dir)
+    path = best_checkpoint(run.output_dir)
     if path is None:
         raise BigftError(f"{run.output_dir}: checkpoints/best.json names no complete checkpoint")
-    ckpt.load_checkpoint(run.accelerator, path)
+    load_checkpoint(run.accelerator, path)
     message = f"loaded the best checkpoint {path} ({best_text(run)})"
     print_on_main(run.accelerator, run.console, message)
     return True

@@ -16,11 +16,11 @@ import torch
 
 from bigft.data import ShardedLoader, pack, prompt_and_reference
 from bigft.data.labeled import make_collator
-from bigft.distributed import print_on_main
+from bigft.engine.accelerator import print_on_main
 from bigft.errors import BigftError
 from bigft.eval.metrics import evaluate_labeled, evaluate_loss, exact_match, load_scorer
-from bigft.model import attention_implementation
-from bigft.run import EvalContext
+from bigft.loop.run import EvalContext
+from bigft.model.attention import attention_implementation
 
 Batch = dict[str, torch.Tensor]
 

@@ -180,11 +180,13 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     model's config.id2label, or for an adapter the run's data.label_names or training
     labels; otherwise the labels of the scored rows.
     """
+    from bigft.chunked_loss import prepare_loss
     from bigft.data.labeled import prepare_for_task
-    from bigft.distributed import batch_layout, build_accelerator, launched, world_size_from_env
+    from bigft.engine.accelerator import build_accelerator, launched
+    from bigft.engine.settings import batch_layout, world_size_from_env
     from bigft.eval.split import evaluate_split
-    from bigft.model import load_model, load_tokenizer
-    from bigft.run import EvalContext
+    from bigft.loop.run import EvalContext
+    from bigft.model.load import load_configured_model, load_tokenizer
     from bigft.tracking import MetricsLog
 
     cfg = job.cfg
@@ -200,21 +202,15 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     data, label_names = prepare_for_task(
         cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
     )
-    quant = cfg.method.quant if job.adapter is not None and cfg.method.name == "qlora" else None
-    model = load_model(
-        cfg.model,
-        cfg.train.precision,
-        quant,
-        cfg.task,
-        label_names,
-        tokenizer.pad_token_id,
-        method=cfg.method.name if job.adapter is not None else "full",
-    )
+    method = cfg.method.name if job.adapter is not None else "full"
+    model = load_configured_model(cfg, label_names, tokenizer.pad_token_id, method)
     if job.adapter is not None:
         require("peft", "lora", "scoring an adapter")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(job.adapter))
+    if cfg.task == "causal_lm":  # the loss as training computes it (train.loss_impl)
+        prepare_loss(model, cfg.train.loss_impl, cfg.train.loss_chunk)
     if job.file_rows:
         data.validation, data.test = None, data.train
     model = accelerator.prepare(model)

@@ -144,7 +144,6 @@ def step_activations(work: Workload) -> StepActivations:
     """All activation terms of one step for `work` (one micro-batch)."""
     a, c, r = work.arch, work.compute_bytes, work.residual_bytes
     n = work.micro_batch * work.seq_len
-    n_shift = work.micro_batch * (work.seq_len - 1)
     h, v = a.hidden, a.vocab
     # Autocast's bf16 copies of fp32 weights: cached for trainable weights, saved by each
     # matmul for frozen ones (they give the input's gradient). 4-bit weights have none.
@@ -197,12 +196,11 @@ def step_activations(work: Workload) -> StepActivations:
     if fp32_head:
         head_saved += 2.0 * v * h  # lm_head's bf16 weight copy (cached, or kept for backward)
     base = shared + _norm(r, h, head_trainable) * n + head_saved
-    logits = (2 if work.autocast else c) * v * n
     cache = work.n_ckpt_layers * weight_copy if work.method in ("full", "freeze") else 0.0
-    # The end of forward holds the logits and accelerate's fp32 copy of them; DoRA's
-    # weight rebuild peaks earlier, inside the last layer.
-    fwd_extra = cache + max(logits + (4 * v * n if work.autocast else 0), dora_temp)
     wgrad_temp = c * v * h if fp32_head and head_trainable else 0.0
+    fwd_loss, loss_peak, head_bw = _loss_terms(work, wgrad_temp, head_trainable)
+    # DoRA's weight rebuild peaks earlier, inside the last layer.
+    fwd_extra = cache + max(fwd_loss, dora_temp)
     return StepActivations(
         all_layers=all_layers - bottom,
         layer=ckpt_layer if top_is_ckpt else full_layer,
@@ -217,11 +215,44 @@ def step_activations(work: Workload) -> StepActivations:
         bottom_saving=bottom,
         base=base,
         fwd_extra=fwd_extra,
-        loss_peak=12.0 * v * n_shift,  # log-softmax output, its gradient, input gradient
-        head_bw=logits + wgrad_temp,
+        loss_peak=loss_peak,
+        head_bw=head_bw,
         head_saved=head_saved,
         head_wgrad_temp=wgrad_temp,
     )
+
+
+def _loss_terms(
+    work: Workload, wgrad_temp: float, head_trainable: bool
+) -> tuple[float, float, float]:
+    """Bytes the loss adds at the end of forward, in the loss's backward and in lm_head's
+    backward (`fwd_extra`, `loss_peak`, `head_bw` before the checkpointing cache).
+
+    Full path: the micro-batch's logits and, under autocast, accelerate's fp32 copy of
+    them; then the fp32 log-softmax, its gradient and the input gradient over the shifted
+    tokens; then the logits' gradient and the weight gradient's temporary.
+
+    Chunked (bigft.chunked_loss, `loss_rows` positions at a time): a chunk's logits, their
+    fp32 copy and log-softmax live only inside its forward; its backward recomputes them,
+    so the loss peak is the full path's 12 bytes per vocabulary entry for one chunk, plus
+    the hidden states' fp32 gradient, assembled chunk by chunk. A head that trains also
+    holds the weight gradient of the chunks already done (compute dtype); without autocast
+    autograd sums each new one out of place (old, new and sum at once).
+    """
+    a = work.arch
+    v, h, c = a.vocab, a.hidden, work.compute_bytes
+    n = work.micro_batch * work.seq_len
+    logit_b = 2 if work.autocast else c
+    if work.loss_path == "full":
+        logits = logit_b * v * n
+        fwd = logits + (4 * v * n if work.autocast else 0)
+        return fwd, 12.0 * v * work.micro_batch * (work.seq_len - 1), logits + wgrad_temp
+    rows = work.loss_rows
+    fwd = (logit_b + 4 + (4 if logit_b != 4 else 0)) * v * rows
+    done = c * v * h if head_trainable and rows < n else 0.0
+    loss = 12.0 * v * rows + 4.0 * h * n + done
+    head = max(logit_b * v * rows + wgrad_temp + done, (2 if work.autocast else 3) * done)
+    return fwd, loss, head
 
 
 def _bw_transient(work: Workload, n: int) -> float:

@@ -210,6 +210,8 @@ def _notes(work: Workload, gpu: GPU, global_batch: int | None, micro: int, accum
         notes.append(f"zero3-offload keeps {_gib(cpu)} per node in CPU memory")
     if work.strategy in ("zero1", "zero2") and work.world_size == 1:
         notes.append(f"{work.strategy} on one GPU partitions nothing")
+    if work.loss_path == "full" and work.logit_transform:
+        notes.append(f"the model sets {work.logit_transform}: the loss holds the full logits")
     return notes
 
 
@@ -241,7 +243,7 @@ _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def _weight_dtype(model: Any, method: Any) -> str:
     """model.dtype as the Workload spells it; for qlora with 'auto' the weights that are
-    not 4-bit load in method.quant.compute_dtype (bigft.model.load_dtype)."""
+    not 4-bit load in method.quant.compute_dtype (bigft.model.load.load_dtype)."""
     dtype = str(getattr(model, "dtype", "auto"))
     if dtype == "auto" and _get(method, ("name",), None) == "qlora":
         dtype = str(getattr(getattr(method, "quant", None), "compute_dtype", "auto"))
@@ -309,6 +311,11 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     }
     micro = getattr(train, "micro_batch_size", 1)
     values["micro_batch"] = micro if isinstance(micro, int) else 1
+    values["loss_impl"] = str(getattr(train, "loss_impl", "auto"))
+    values["loss_chunk"] = int(getattr(train, "loss_chunk", 256))
+    adapted = (*targets, *(_get(lora, ("modules_to_save",), None) or ()))
+    if values["loss_impl"] == "auto" and values["method"] not in ("full", "freeze"):
+        values["loss_impl"] = "full" if "lm_head" in adapted else "auto"  # not a plain Linear
     values.update({k: v for k, v in flags.items() if v is not None})
     name = flags.get("model") or getattr(model, "name_or_path", None)
     values.pop("model", None)

@@ -94,7 +94,7 @@ def _apply_method(model: Any, work: Workload, n_frozen: int) -> Any:
         model.get_input_embeddings().requires_grad_(not work.freeze_embeddings)
         for layer in model.model.layers[:n_frozen]:
             layer.requires_grad_(False)
-        # bigft.methods.apply_precision_layout: what trains keeps its own dtype (fp32
+        # bigft.model.methods.apply_precision_layout: what trains keeps its own dtype (fp32
         # master weights under autocast), the frozen rest stays in the load dtype.
         dtype = torch.float32 if work.trainable_weight_bytes == 4 else torch.bfloat16
         for p in model.parameters():
@@ -157,6 +157,7 @@ def simulate_depth(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.autograd.graph import register_multi_grad_hook
 
+    from bigft.chunked_loss import prepare_loss
     from bigft.losses import loss_sum
 
     spec = work.arch.with_layers(n_frozen + n_trainable)
@@ -164,12 +165,16 @@ def simulate_depth(
     B, S = work.micro_batch, work.seq_len
     phases: dict[str, Snap] = {}
     model = _build(work, spec, dtype, n_frozen, fake)
+    # The loss training runs (bigft.chunked_loss); liger's kernel needs CUDA, so its
+    # chunking is simulated by bigft's chunked loss at liger's chunk size.
+    impl = "chunked" if work.loss_path == "liger" else work.loss_path
+    prepare_loss(model, impl, work.loss_rows)
     with FakeTensorMode() if fake else contextlib.nullcontext():
         if fake:
             model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
         else:
             model.to(device)
-        if work.grad_ckpt:  # as bigft.methods.apply_checkpointing does it
+        if work.grad_ckpt:  # as bigft.model.methods.apply_checkpointing does it
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             base.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False},
@@ -352,6 +357,8 @@ def simulate(work: Workload, full_depth: bool = False) -> SimResult:
         )
     if work.optimizer.endswith("8bit"):
         notes.append("8-bit optimizer states are analytic (bitsandbytes kernels need CUDA)")
+    if work.loss_path == "liger":
+        notes.append("liger's kernel needs CUDA: its loss ran as bigft's chunked loss")
     if work.strategy != "ddp" or work.world_size > 1:
         notes.append("one process simulated; sharded states and engine buffers are analytic")
     return SimResult(

@@ -3,7 +3,7 @@
 `Workload` is the single input of both estimators (analytic and simulated). The rules that
 turn user choices into dtypes live here, once, so both estimators agree on them:
 
-- `model.dtype: auto` (bigft.model.load_dtype) loads what stays frozen in the compute
+- `model.dtype: auto` (bigft.model.load.load_dtype) loads what stays frozen in the compute
   dtype under mixed precision and keeps what trains in fp32: full fine-tuning keeps fp32
   master weights; freeze keeps its frozen layers in bf16 and its trainable ones in fp32;
   lora / dora keep a bf16 base and fp32 adapters (peft's default upcast); qlora stores the
@@ -28,6 +28,10 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
 # Spellings accepted for the optimizer (bitsandbytes' class names without underscores).
 OPTIMIZER_ALIASES = {"adamw8bit": "adamw_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
+LOSS_IMPLS = ("auto", "chunked", "full", "liger")
+# bigft.chunked_loss.LOGIT_TRANSFORMS (the planner does not import torch): models that
+# rescale or cap their logits after the lm_head call keep the full loss.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Layouts bigft cannot run, with the reason shown to the user.
 UNSUPPORTED = {
@@ -60,6 +64,8 @@ class Workload:
     attn: str = "sdpa"
     reduce_bucket: int | None = None  # ZeRO reduce bucket (elements); None: hidden^2
     device: str = "cuda"  # "cpu" for CPU runs (the validation measures there)
+    loss_impl: str = "auto"  # train.loss_impl; resolved by `loss_path`
+    loss_chunk: int = 256  # train.loss_chunk: token positions per chunk of the chunked loss
 
     def __post_init__(self) -> None:
         if self.optimizer in OPTIMIZER_ALIASES:
@@ -70,6 +76,7 @@ class Workload:
             "optimizer": (self.optimizer, OPTIMIZERS),
             "attention": (self.attn, ATTENTION),
             "precision": (self.precision, tuple(DTYPE_BYTES)),
+            "loss_impl": (self.loss_impl, LOSS_IMPLS),
         }
         for what, (value, allowed) in checks.items():
             if value not in allowed:
@@ -77,6 +84,13 @@ class Workload:
         for name, size in (("seq_len", self.seq_len), ("micro_batch", self.micro_batch)):
             if size < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {size})")
+        if self.loss_chunk < 1:
+            raise ConfigError(f"loss_chunk must be >= 1 (got {self.loss_chunk})")
+        if self.loss_impl in ("chunked", "liger") and self.logit_transform:
+            raise ConfigError(
+                f"loss_impl {self.loss_impl} cannot apply: {self.arch.name} sets "
+                f"{self.logit_transform} (use auto or full)"
+            )
         if self.ckpt_every < 1:
             raise ConfigError(f"checkpoint every k layers needs k >= 1 (got {self.ckpt_every})")
         if self.gpus_per_node < 1 or self.nodes < 1:
@@ -106,6 +120,33 @@ class Workload:
         """DeepSpeed and FSDP2 compute on bf16 weight copies instead of autocasting."""
         return self.strategy != "ddp"
 
+    @property
+    def logit_transform(self) -> str | None:
+        """The config key with which the model rescales or caps its logits, if any."""
+        cfg = {**self.arch.hf_config, "final_logit_softcapping": self.arch.logit_softcap}
+        return next((k for k in LOGIT_TRANSFORMS if cfg.get(k) is not None), None)
+
+    @property
+    def loss_path(self) -> str:
+        """The loss bigft.chunked_loss.prepare_loss installs: 'auto' is chunked unless the
+        model transforms its logits after the lm_head call."""
+        if self.loss_impl == "auto":
+            return "full" if self.logit_transform else "chunked"
+        return self.loss_impl
+
+    @property
+    def loss_rows(self) -> int:
+        """Token positions whose logits exist at once: the whole micro-batch on the full
+        path, one chunk on the chunked one; liger picks chunks of about B x L x hidden
+        logits elements (its fused_linear_cross_entropy_forward)."""
+        n = self.micro_batch * self.seq_len
+        if self.loss_path == "full":
+            return n
+        if self.loss_path == "chunked":
+            return min(self.loss_chunk, n)
+        per_chunk = -(-n // -(-self.arch.vocab // self.arch.hidden))
+        return min(1 << (per_chunk - 1).bit_length(), n)
+
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)
 
@@ -118,7 +159,7 @@ class Workload:
     @property
     def frozen_weight_bytes(self) -> float:
         """Bytes per stored frozen weight (qlora: per weight that is not 4-bit), as
-        bigft.model.load_dtype loads it: model.dtype when set; with 'auto' the compute
+        bigft.model.load.load_dtype loads it: model.dtype when set; with 'auto' the compute
         dtype for lora / dora / freeze under mixed precision and for qlora (its
         compute_dtype, bf16 unless workload_from_config passes another), fp32 otherwise.
         For full fine-tuning every weight trains: the same as `trainable_weight_bytes`."""

@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from bigft import checkpoint as ckpt
 from bigft.commands import app
 from bigft.config_io import load_config
-from bigft.train import setup, train
+from bigft.engine import checkpoint as ckpt
+from bigft.engine import state_files as ckpt_files
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 pytest.importorskip("peft")
@@ -82,7 +84,7 @@ def test_checkpoint_leaves_the_frozen_base_out(
     assert size < 2 * (weights + adam)
     # exactly the trained tensors: no frozen weight, no 4-bit quantization constant
     assert set(load_file(saved / "model.safetensors")) == set(trained)
-    base = json.loads((saved / ckpt.BASE_FILE).read_text())
+    base = json.loads((saved / ckpt_files.BASE_FILE).read_text())
     assert base["name_or_path"] == str(tiny_base.resolve())
 
 

@@ -132,8 +132,10 @@ LOAD_WORKER = """
 import json, resource, sys, torch
 from pathlib import Path
 from bigft.config_io import load_config
-from bigft.distributed import batch_layout, build_accelerator, engine_report, full_weights_digest
-from bigft.model import load_model
+from bigft.engine.accelerator import build_accelerator
+from bigft.engine.facts import engine_report, full_weights_digest
+from bigft.engine.settings import batch_layout
+from bigft.model.load import load_model
 from bigft.optim import build_optimizer
 import transformers.models.llama.modeling_llama  # imported now, not counted as loading
 
@@ -239,7 +241,7 @@ def test_weights_missing_from_checkpoint_are_initialized_on_every_rank(
     teacher is loaded, with no broadcast from rank 0 to repair it): transformers' own FSDP
     branch would leave the head on the meta device; bigft's loading initializes it."""
     from bigft.config import ModelConfig
-    from bigft.model import load_model
+    from bigft.model.load import load_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")

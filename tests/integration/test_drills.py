@@ -27,15 +27,18 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bigft import checkpoint as ckpt
 from bigft.commands import app
 from bigft.config import ModelConfig
 from bigft.config_io import load_config
+from bigft.engine import checkpoint as ckpt
+from bigft.engine import resume as ckpt_resume
+from bigft.engine import storage as ckpt_storage
 from bigft.errors import BigftError, ModelError, TrainingError
 from bigft.faults import CRASH_IN_SAVE, NONFINITE_RANK, NONFINITE_STEPS
-from bigft.model import load_model
+from bigft.loop.setup import setup
+from bigft.loop.train import train
+from bigft.model.load import load_model
 from bigft.tracking import read_metrics
-from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 
@@ -326,7 +329,7 @@ def test_kill_during_checkpoint_write(tiny_base: Path, data_file: Path, tmp_path
     partial = ckpt.checkpoint_root(crashed) / "step-00000004.tmp"
     assert (partial / "model.safetensors").is_file()  # the engine's files were written...
     assert not (partial / ckpt.STATE_FILE).exists()  # ...the marker of completeness not
-    assert ckpt.resolve_resume("auto", crashed) == step_dir(crashed, 2)
+    assert ckpt_resume.resolve_resume("auto", crashed) == step_dir(crashed, 2)
     assert not (step_dir(crashed, 2) / "custom_checkpoint_0.pkl").exists()
 
     straight_cfg = config(tmp_path / "straight", tiny_base, data_file, *run_args)
@@ -381,7 +384,7 @@ def test_unwritable_output_dir_fails_before_training(
 def test_not_enough_disk_space_fails_before_writing(
     tiny_base: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ckpt, "disk_free", lambda path: 100 * 1024)
+    monkeypatch.setattr(ckpt_storage, "disk_free", lambda path: 100 * 1024)
     cfg = write_config(tmp_path / "cfg.yaml", tiny_base, data_file)
     code, lines = cli_error(["train", str(cfg)])
     assert code == 2 and len(lines) == 1, lines

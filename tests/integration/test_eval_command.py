@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from bigft.commands import app
 from bigft.config_io import load_config
-from bigft.train import setup, train
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 from tests.integration.test_tasks import labelled_rows
 

@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
-from bigft import checkpoint as ckpt
-from bigft import distributed
 from bigft.config_io import load_config
-from bigft.distributed import batch_layout
+from bigft.engine import checkpoint as ckpt
+from bigft.engine import facts
+from bigft.engine.settings import batch_layout
 from bigft.errors import ConfigError
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from bigft.optim import schedule_factor
 from bigft.tracking import read_metrics
-from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 LR = 3e-3
@@ -112,8 +113,8 @@ def test_no_full_weight_gather_on_the_production_path(
         raise AssertionError("instrumentation ran on the production path")
 
     monkeypatch.delenv("BIGFT_TEST_WEIGHTS_DIGEST", raising=False)
-    monkeypatch.setattr(distributed, "full_weights_digest", forbidden)
-    monkeypatch.setattr(distributed, "peak_rss_mib_per_rank", forbidden)
+    monkeypatch.setattr(facts, "full_weights_digest", forbidden)
+    monkeypatch.setattr(facts, "peak_rss_mib_per_rank", forbidden)
     cfg = load_config(config_file, ["train.steps=2"])
     summary = train(setup(cfg))
     written = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
@@ -127,6 +128,6 @@ def test_no_full_weight_gather_on_the_production_path(
     run = setup(cfg)
     summary = train(run)
     assert len(summary["weights_sha256_per_rank"]) == 1
-    assert summary["weights_sha256_per_rank"] == distributed.full_weights_digest(
+    assert summary["weights_sha256_per_rank"] == facts.full_weights_digest(
         run.accelerator, run.model
     )

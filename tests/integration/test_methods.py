@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from bigft.config_io import load_config
-from bigft.model import count_parameters
-from bigft.train import setup, train
+from bigft.loop.setup import setup
+from bigft.loop.train import train
+from bigft.model.load import count_parameters
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 pytest.importorskip("peft")
@@ -102,7 +103,7 @@ def test_qlora_layers_are_4bit_and_footprint_shrinks(tiny_base) -> None:
     from bitsandbytes.nn import Linear4bit
 
     from bigft.config import ModelConfig, QuantConfig
-    from bigft.model import load_model
+    from bigft.model.load import load_model
 
     full = load_model(ModelConfig(name_or_path=str(tiny_base)))
     quant = load_model(
@@ -135,8 +136,8 @@ def test_export_adapter_and_exact_merge(method, tiny_base, data_file, tmp_path) 
     from transformers import AutoModelForCausalLM
 
     from bigft.config import ModelConfig, QuantConfig
-    from bigft.export import export_run
-    from bigft.model import load_model
+    from bigft.model.export import export_run
+    from bigft.model.load import load_model
 
     cfg = _cfg(tiny_base, data_file, tmp_path, [*METHODS[method], "train.steps=6"])
     run = setup(cfg)

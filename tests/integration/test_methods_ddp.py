@@ -20,7 +20,8 @@ pytest.importorskip("bitsandbytes")
 SCRIPT = """
 import sys, torch
 from bigft.config_io import load_config
-from bigft.train import setup, train
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 run = setup(load_config(sys.argv[1]))
 train(run)
 acc = run.accelerator

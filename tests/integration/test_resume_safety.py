@@ -24,14 +24,17 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from bigft import checkpoint as ckpt
-from bigft import train as train_module
+from bigft import errors
 from bigft.commands import app
 from bigft.config_io import load_config
+from bigft.engine import checkpoint as ckpt
+from bigft.engine import resume as ckpt_resume
 from bigft.errors import ConfigError
 from bigft.faults import CRASH_AT
+from bigft.loop import setup as loop_setup
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from bigft.tracking import MetricsLog, read_metrics
-from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 # A run that checkpoints, evaluates the validation split on schedule and the test split
@@ -383,8 +386,8 @@ def test_load_checkpoint_refuses_a_damaged_one_before_loading(
     weights = load_file(step_dir(out, 2) / "model.safetensors")
     save_file({k: v + 1 for k, v in weights.items()}, step_dir(out, 2) / "model.safetensors")
     _truncate(step_dir(out, 2) / "optimizer.bin", 10)
-    with pytest.raises(ckpt.BigftError, match=r"step-00000002 is damaged: optimizer\.bin"):
-        ckpt.load_checkpoint(run.accelerator, step_dir(out, 2))
+    with pytest.raises(errors.BigftError, match=r"step-00000002 is damaged: optimizer\.bin"):
+        ckpt_resume.load_checkpoint(run.accelerator, step_dir(out, 2))
     after = run.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
     run.accelerator.end_training()
@@ -489,7 +492,7 @@ def test_optimizer_and_schedule_errors_come_before_any_write(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise ConfigError("schedule.warmup_steps: 100 is more than the run's 2 steps")
 
-    monkeypatch.setattr(train_module, builder, refuse)
+    monkeypatch.setattr(loop_setup, builder, refuse)
     path = cfg_file(tmp_path, tiny_base, data_file)
     one_line_error(["train", path, "train.steps=2"], r"schedule\.warmup_steps: 100")
     assert not (tmp_path / "out").exists()
@@ -528,6 +531,6 @@ def test_failure_after_the_directory_is_claimed_releases_the_lock(
     for file in tiny_base.iterdir():
         (other / file.name).write_bytes(file.read_bytes())
     moved = config(tmp_path, tiny_base, data_file, *lora, f"model.name_or_path={other}")
-    with pytest.raises(ckpt.BigftError, match="was trained on the base"):
+    with pytest.raises(errors.BigftError, match="was trained on the base"):
         setup(moved, quiet())
     assert not (Path(cfg.output_dir) / ".bigft.lock").exists()

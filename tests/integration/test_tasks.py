@@ -15,8 +15,9 @@ import yaml
 from safetensors.torch import load_file
 
 from bigft.config_io import load_config
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from bigft.tracking import read_metrics
-from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from bigft.config_io import load_config
 from bigft.errors import BigftError
+from bigft.loop.setup import setup
+from bigft.loop.train import train
 from bigft.tracking import read_metrics
-from bigft.train import setup, train
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 SECRETS = {"WANDB_API_KEY": "wandb-key-5f0c1e9a77d2", "HF_TOKEN": "hf_Zq8XkLmN3pRt6vWy"}

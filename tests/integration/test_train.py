@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from bigft.config_io import load_config
+from bigft.loop.setup import setup
+from bigft.loop.step import train_step
+from bigft.loop.train import train
 from bigft.tracking import read_metrics
-from bigft.train import setup, train, train_step
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 
@@ -135,7 +137,7 @@ def test_cli_train_subprocess(tiny_base, data_file, tmp_path) -> None:
 def test_auto_micro_batch_uses_the_planner(tiny_base, data_file, tmp_path, monkeypatch) -> None:
     from rich.console import Console
 
-    from bigft.train import _auto_micro_batch
+    from bigft.loop.setup import _auto_micro_batch
 
     cfg = load_config(
         write_config(tmp_path / "cfg.yaml", tiny_base, data_file), ["train.micro_batch_size=auto"]

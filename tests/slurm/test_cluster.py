@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bigft import slurm
+from bigft.slurm import queue as slurm_queue
+from bigft.slurm import sweep as slurm_sweep
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 from tests.slurm.cluster import Cluster
 
@@ -48,7 +49,7 @@ def wait_for_job(cluster: Cluster, job_id: str, timeout: float = 240) -> list[di
             pytest.fail(f"job {job_id} still running after {timeout} s\n{cluster.logs()}")
         time.sleep(0.3)
     shown = cluster.run("scontrol", "-o", "show", "job", job_id).stdout
-    return [slurm.parse_scontrol(line) for line in shown.splitlines()]
+    return [slurm_queue.parse_scontrol(line) for line in shown.splitlines()]
 
 
 def logged_steps(output_dir: Path) -> int:
@@ -100,7 +101,7 @@ def test_two_node_job_trains_and_exports(slurm_cluster: Cluster, baseline: Path)
     model = AutoModelForCausalLM.from_pretrained(baseline / "final")
     assert torch.equal(model.lm_head.weight, weights["lm_head.weight"])
     # sbatch read the hostile job name and log path exactly; nothing ran from them.
-    job_id = slurm.last_job(baseline)["job_id"]
+    job_id = slurm_queue.last_job(baseline)["job_id"]
     shown = slurm_cluster.run("scontrol", "show", "job", job_id).stdout
     assert f"JobName={NASTY_NAME}\n" in shown
     assert not list(Path.cwd().glob("pwned*")) and not list(baseline.parent.glob("pwned*"))
@@ -142,7 +143,7 @@ def test_array_sweep_runs_every_task(slurm_cluster: Cluster, job_config: Path) -
     ).stdout.strip()  # fmt: skip
     records = wait_for_job(slurm_cluster, job_id)
     assert sorted(r["ArrayTaskId"] for r in records) == ["0", "1"]
-    rows = slurm.sweep_rows(out)
+    rows = slurm_sweep.sweep_rows(out)
     assert [r["state"] for r in rows] == ["COMPLETED", "COMPLETED"]
     assert [r["step"] for r in rows] == [10, 10] and all(r["finished"] for r in rows)
     configs = [(Path(r["output_dir"]) / "config.yaml").read_text() for r in rows]

@@ -19,9 +19,11 @@ from unittest import mock
 import pytest
 import yaml
 
-from bigft import slurm
 from bigft.config_io import load_config
 from bigft.errors import ConfigError
+from bigft.slurm import job as slurm_job
+from bigft.slurm import queue as slurm_queue
+from bigft.slurm import sweep as slurm_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "slurm" / "examples"
@@ -120,8 +122,8 @@ def test_no_value_can_change_what_the_script_does(tmp_path: Path, value: str) ->
         },
         weird_dir / "run",
     )  # fmt: skip
-    cfg = slurm.load_job_config(cfg_path, [])
-    script = slurm.prepare_job(cfg, cfg_path)
+    cfg = slurm_job.load_job_config(cfg_path, [])
+    script = slurm_job.prepare_job(cfg, cfg_path)
     text = script.read_text()
 
     directives = [sbatch_args(line) for line in text.splitlines() if line.startswith("#SBATCH")]
@@ -149,7 +151,7 @@ def test_no_value_can_change_what_the_script_does(tmp_path: Path, value: str) ->
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_node_rank_is_read_on_each_node_at_run_time(tmp_path: Path, launcher: str) -> None:
     cfg_path = write_yaml(tmp_path / "cfg.yaml", {"nodes": 2, "launcher": launcher}, tmp_path)
-    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    script = slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     # The batch shell runs on the first node only: it must not decide any node's rank.
     assert "SLURM_NODEID" not in script.read_text()
     bin_dir, log = stubs(tmp_path)
@@ -181,7 +183,7 @@ def test_node_rank_is_read_on_each_node_at_run_time(tmp_path: Path, launcher: st
 
 def test_restart_guard_stops_a_job_that_keeps_coming_back(tmp_path: Path) -> None:
     cfg_path = write_yaml(tmp_path / "cfg.yaml", {"max_restarts": 2}, tmp_path)
-    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    script = slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     bin_dir, log = stubs(tmp_path)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log)}
     slurm_env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
@@ -207,10 +209,10 @@ def test_example_is_up_to_date() -> None:
 def render_example() -> str:
     """The example as an installed bigft renders it (a checkout run from its root would
     add its own path to the job's PYTHONPATH)."""
-    cfg = slurm.load_job_config(EXAMPLE_CONFIG, [])
+    cfg = slurm_job.load_job_config(EXAMPLE_CONFIG, [])
     job_dir = Path(cfg.output_dir) / "slurm"
-    with mock.patch.object(slurm, "checkout_on_path", lambda: None):
-        return slurm.render_script(
+    with mock.patch.object(slurm_job, "checkout_on_path", lambda: None):
+        return slurm_job.render_script(
             cfg,
             source=str(EXAMPLE_CONFIG.relative_to(EXAMPLES.parent.parent)),
             config=str(job_dir / "config.yaml"),
@@ -222,7 +224,7 @@ def render_example() -> str:
 def test_sweep_renders_one_array_with_a_config_per_point(tmp_path: Path) -> None:
     cfg_path = write_yaml(tmp_path / "cfg.yaml", {"nodes": 2}, tmp_path / "sweep")
     grid = ["optim.lr=1e-4,2e-4", "train.seed=1,2,3"]
-    script, n = slurm.prepare_sweep(cfg_path, ["train.steps=5"], grid, {}, max_parallel=2)
+    script, n = slurm_sweep.prepare_sweep(cfg_path, ["train.steps=5"], grid, {}, max_parallel=2)
     assert n == 6
     assert "#SBATCH --array=0-5%2" in script.read_text()
     tasks = json.loads((script.parent / "sweep.json").read_text())["tasks"]
@@ -234,7 +236,7 @@ def test_sweep_renders_one_array_with_a_config_per_point(tmp_path: Path) -> None
         seen.add((cfg.optim.lr, cfg.train.seed))
     assert len(seen) == 6
     with pytest.raises(ConfigError, match=r"optim\.lr"):
-        slurm.prepare_sweep(cfg_path, [], ["optim.lr=fast,1e-4"], {})
+        slurm_sweep.prepare_sweep(cfg_path, [], ["optim.lr=fast,1e-4"], {})
 
 
 def test_config_rejects_what_cannot_be_rendered(tmp_path: Path) -> None:
@@ -252,10 +254,10 @@ def test_config_rejects_what_cannot_be_rendered(tmp_path: Path) -> None:
     assert env == {"OMP_NUM_THREADS": "8", "X": "true"}
     cfg_path = write_yaml(tmp_path / "cfg.yaml", {"time": "00:05:00"}, tmp_path)
     with pytest.raises(ConfigError, match="signal_seconds"):
-        slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+        slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     with pytest.raises(ConfigError, match="--nodes"):
-        slurm.load_job_config(cfg_path, [], {"nodes": 0})
-    assert [slurm.time_seconds(t) for t in ("90", "1:30", "01:00:00", "1-2", "2-00:00:30")] == [
+        slurm_job.load_job_config(cfg_path, [], {"nodes": 0})
+    assert [slurm_job.time_seconds(t) for t in ("90", "1:30", "01:00:00", "1-2", "2-00:00:30")] == [
         5400,
         90,
         3600,
@@ -271,23 +273,23 @@ def test_after_stop_requeues_once_per_job(tmp_path: Path, monkeypatch) -> None:
     for name in ("SLURM_RESTART_COUNT", "LOCAL_RANK", "SLURM_NODEID"):
         monkeypatch.delenv(name, raising=False)
     stopped = {"stopped": "SIGUSR1"}
-    assert not slurm.after_stop(stopped)  # not under Slurm
+    assert not slurm_queue.after_stop(stopped)  # not under Slurm
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert not slurm.after_stop(stopped)  # not a job bigft rendered
+    assert not slurm_queue.after_stop(stopped)  # not a job bigft rendered
     monkeypatch.setenv("BIGFT_REQUEUE", "1")
     monkeypatch.setenv("BIGFT_MAX_RESTARTS", "2")
-    assert not slurm.after_stop({"steps": 10})  # finished normally
-    assert not slurm.after_stop({"stopped": "SIGTERM"})  # scancel / time limit: Slurm's call
+    assert not slurm_queue.after_stop({"steps": 10})  # finished normally
+    assert not slurm_queue.after_stop({"stopped": "SIGTERM"})  # scancel / time limit: Slurm's call
     monkeypatch.setenv("SLURM_NODEID", "1")
-    assert not slurm.after_stop(stopped)  # not node 0
+    assert not slurm_queue.after_stop(stopped)  # not node 0
     monkeypatch.setenv("SLURM_NODEID", "0")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert not slurm.after_stop(stopped)  # not the node's main process
+    assert not slurm_queue.after_stop(stopped)  # not the node's main process
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert not slurm.after_stop(stopped)  # max restarts reached
+    assert not slurm_queue.after_stop(stopped)  # max restarts reached
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert slurm.after_stop(stopped)
+    assert slurm_queue.after_stop(stopped)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c["argv"] for c in calls] == [["requeue", "42"]]
 
@@ -308,7 +310,7 @@ def test_cpus_per_task_covers_every_rank_of_the_node(
     tmp_path: Path, section: dict, cpus: int | None
 ) -> None:
     cfg_path = write_yaml(tmp_path / "cfg.yaml", section, tmp_path / "run")
-    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    script = slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     text = script.read_text()
     requested = [line for line in text.splitlines() if "#SBATCH --cpus-per-task" in line]
     assert requested == ([f"#SBATCH --cpus-per-task={cpus}"] if cpus else [])
@@ -326,7 +328,7 @@ def test_shipped_accelerate_config_travels_with_the_job(
     monkeypatch.chdir(tmp_path)  # not the checkout: no launch/ folder here
     section = {"launcher": "accelerate", "accelerate_config": value}
     cfg_path = write_yaml(tmp_path / "cfg.yaml", section, tmp_path / "run")
-    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    script = slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     copy = script.parent / "accelerate.yaml"
     assert f"export BIGFT_ACCELERATE_CONFIG={copy}\n" in script.read_text()
     assert copy.read_bytes() == (REPO / "launch" / "accelerate" / "zero3.yaml").read_bytes()
@@ -338,13 +340,13 @@ def test_own_accelerate_config_is_frozen_with_the_job(tmp_path: Path) -> None:
     own.write_text("distributed_type: MULTI_GPU\n")
     section = {"launcher": "accelerate", "accelerate_config": "my accelerate.yaml"}
     cfg_path = write_yaml(own.parent / "cfg.yaml", section, tmp_path / "run")
-    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    script = slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     own.write_text("edited after rendering\n")  # a queued job keeps what was rendered
     assert (script.parent / "accelerate.yaml").read_text() == "distributed_type: MULTI_GPU\n"
     section["accelerate_config"] = "missing.yaml"
     cfg_path = write_yaml(own.parent / "cfg.yaml", section, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"missing\.yaml.*zero3"):
-        slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+        slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
 
 
 def shipped_files() -> dict[Path, bytes]:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bigft import slurm
 from bigft.commands import app
+from bigft.slurm import job as slurm_job
+from bigft.slurm import queue as slurm_queue
 from tests.slurm.test_render import write_yaml
 
 JOB = "77"
@@ -59,7 +60,7 @@ def submitted(tmp_path: Path, requeue: bool = True, steps: int = 0, finished: bo
     """A run directory as `bigft slurm submit` leaves it, `steps` into training."""
     run_dir = tmp_path / "run"
     cfg_path = write_yaml(tmp_path / "cfg.yaml", {"requeue": requeue}, run_dir)
-    script = slurm.prepare_job(slurm.load_job_config(cfg_path, []), cfg_path)
+    script = slurm_job.prepare_job(slurm_job.load_job_config(cfg_path, []), cfg_path)
     record = {"job_id": JOB, "script": str(script), "array_size": None, "time": 0.0}
     (script.parent / "job.json").write_text(json.dumps({"jobs": [record]}))
     metrics = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, steps + 1))
@@ -98,8 +99,8 @@ def status(run_dir: Path) -> tuple[int, str]:
     ],
 )
 def test_every_slurm_state_has_a_meaning(state: str, outcome: str) -> None:
-    assert slurm.state_outcome(state) == outcome
-    assert slurm.state_outcome("PREEMPTED", requeue=False) == "failed"
+    assert slurm_queue.state_outcome(state) == outcome
+    assert slurm_queue.state_outcome("PREEMPTED", requeue=False) == "failed"
 
 
 def test_failed_job_is_reported_failed_with_its_log(tmp_path: Path, fake_slurm) -> None:

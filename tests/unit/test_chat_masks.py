@@ -17,13 +17,8 @@ from typing import Any
 
 import pytest
 
-from bigft.data.formats import (
-    BUILTIN_CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    FormatSpec,
-    Formatter,
-    prompt_and_reference,
-)
+from bigft.data.chat import BUILTIN_CHAT_TEMPLATE
+from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter, prompt_and_reference
 
 # The real templates (Qwen2.5-Instruct, Llama-2-chat, Meta-Llama-3-Instruct).
 QWEN25_TEMPLATE = (

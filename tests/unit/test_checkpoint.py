@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from bigft import checkpoint as ckpt
-from bigft.checkpoint import STATE_FILE, check_compatible, latest_checkpoint, resolve_resume
+from bigft.engine import resume as ckpt_resume
+from bigft.engine import state_files as ckpt_files
+from bigft.engine import storage as ckpt_storage
+from bigft.engine.checkpoint import STATE_FILE, latest_checkpoint
+from bigft.engine.resume import check_compatible, resolve_resume
 from bigft.errors import BigftError
 
 
@@ -61,7 +64,7 @@ def test_sharded_adapter_checkpoint_on_other_world_size_needs_its_world_size(
     tmp_path: Path,
 ) -> None:
     path = fake_checkpoint(tmp_path, 5, "zero3", world=2)
-    (path / ckpt.BASE_FILE).write_text("{}")  # trained tensors only: no converter helps
+    (path / ckpt_files.BASE_FILE).write_text("{}")  # trained tensors only: no converter helps
     with pytest.raises(BigftError, match=r"resume on 2 process\(es\) \(it holds only the"):
         check_compatible(path, "zero3", 1)
 
@@ -93,7 +96,7 @@ class Adapted(torch.nn.Module):
 
 def test_trainable_state_leaves_frozen_weights_out() -> None:
     model = Adapted()
-    state = ckpt._trainable_only(model, model.state_dict())
+    state = ckpt_files._trainable_only(model, model.state_dict())
     assert set(state) == {"adapter.weight", "adapter.bias", "head.weight", "running"}
 
 
@@ -102,46 +105,50 @@ def test_keys_load_strictly_but_ignore_a_saved_frozen_base(tmp_path: Path) -> No
     # one name of the tied pair is enough (safetensors keeps one); old checkpoints that
     # still hold the frozen base load their trained tensors only
     found = {"adapter.weight", "adapter.bias", "running", "base.weight", "base.bias"}
-    assert ckpt._check_keys(tmp_path, model, found) == {"adapter.weight", "adapter.bias", "running"}
+    assert ckpt_files.check_keys(tmp_path, model, found) == {
+        "adapter.weight",
+        "adapter.bias",
+        "running",
+    }
 
     with pytest.raises(BigftError, match=r"lacks 2 trained tensor\(s\): adapter.bias, running\)"):
-        ckpt._check_keys(tmp_path, model, {"head.weight"})
+        ckpt_files.check_keys(tmp_path, model, {"head.weight"})
     with pytest.raises(BigftError, match=r"holds 1 the model lacks: lora_X\);.*train.resume=never"):
-        ckpt._check_keys(tmp_path, model, {*found, "lora_X"})
+        ckpt_files.check_keys(tmp_path, model, {*found, "lora_X"})
     shapes = {"adapter.weight": [4, 2], "adapter.bias": [2], "running": [2]}
     with pytest.raises(BigftError, match=r"1 differ in shape: adapter.weight \[4, 2\] \(model"):
-        ckpt._check_keys(tmp_path, model, shapes, shapes)
-    assert ckpt._plain(model, "module.adapter.bias") == "adapter.bias"
+        ckpt_files.check_keys(tmp_path, model, shapes, shapes)
+    assert ckpt_files.plain_key(model, "module.adapter.bias") == "adapter.bias"
 
 
 def test_resume_onto_another_base_is_refused(tmp_path: Path) -> None:
     def accelerator(model: torch.nn.Module) -> Any:
         return SimpleNamespace(_models=[model], unwrap_model=lambda m: m)
 
-    (tmp_path / ckpt.BASE_FILE).write_text(
-        json.dumps(ckpt._base_fingerprint(accelerator(Adapted())))
+    (tmp_path / ckpt_files.BASE_FILE).write_text(
+        json.dumps(ckpt_files._base_fingerprint(accelerator(Adapted())))
     )
-    ckpt._check_base(accelerator(Adapted()), tmp_path)
+    ckpt_files._check_base(accelerator(Adapted()), tmp_path)
     with pytest.raises(BigftError, match="frozen tensors differ in names, shapes or dtypes"):
-        ckpt._check_base(accelerator(Adapted(width=3)), tmp_path)
+        ckpt_files._check_base(accelerator(Adapted(width=3)), tmp_path)
     other = Adapted()
     other.name_or_path = "base-b"
     with pytest.raises(
         BigftError, match="trained on the base 'base-a' but this run loads 'base-b'"
     ):
-        ckpt._check_base(accelerator(other), tmp_path)
+        ckpt_files._check_base(accelerator(other), tmp_path)
 
 
 def test_disk_check_counts_the_trained_weights_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = Adapted()
-    monkeypatch.setattr(ckpt, "disk_free", lambda path: 10)
+    monkeypatch.setattr(ckpt_storage, "disk_free", lambda path: 10)
     # adapter 6 fp32 weights (24 B) + Adam 48 B; the frozen base (24 B) is not saved
     with pytest.raises(
         BigftError, match=r"weights 24.0 B \+ optimizer state 48.0 B\) need about 72"
     ):
-        ckpt.check_disk_space(tmp_path, model, "adamw", export=False)
+        ckpt_storage.check_disk_space(tmp_path, model, "adamw", export=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,31 +170,33 @@ def whole_checkpoint(root: Path, step: int, name: str | None = None) -> Path:
 
 def test_checkpoint_problem_names_the_damaged_file(tmp_path: Path) -> None:
     path = whole_checkpoint(tmp_path, 2)
-    assert ckpt.checkpoint_problem(path) is None
+    assert ckpt_resume.checkpoint_problem(path) is None
     (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-3])
-    assert ckpt.checkpoint_problem(path) == (
+    assert ckpt_resume.checkpoint_problem(path) == (
         "model.safetensors is truncated (77 bytes; its header declares 80)"
     )
     path = whole_checkpoint(tmp_path, 4)
     (path / STATE_FILE).write_text('{"step": 4, "loa')
-    assert str(ckpt.checkpoint_problem(path)).startswith("trainer_state.json is not valid JSON")
+    assert str(ckpt_resume.checkpoint_problem(path)).startswith(
+        "trainer_state.json is not valid JSON"
+    )
     path = whole_checkpoint(tmp_path, 6)
     (path / "optimizer.bin").write_bytes(b"")
-    assert ckpt.checkpoint_problem(path) == "optimizer.bin is empty (0 bytes)"
+    assert ckpt_resume.checkpoint_problem(path) == "optimizer.bin is empty (0 bytes)"
     path = whole_checkpoint(tmp_path, 8)
     (path / "random_states_0.pkl").unlink()  # optional: a warning, not damage
-    assert ckpt.checkpoint_problem(path) is None
-    assert "rng state missing" in ckpt.rng_warnings(path, 1)[0]
-    assert ckpt.rng_warnings(whole_checkpoint(tmp_path, 10), 1) == []
+    assert ckpt_resume.checkpoint_problem(path) is None
+    assert "rng state missing" in ckpt_resume.rng_warnings(path, 1)[0]
+    assert ckpt_resume.rng_warnings(whole_checkpoint(tmp_path, 10), 1) == []
     # a larger world than wrote it (DDP resumes on any size): the new ranks have none
-    assert "random_states_1.pkl" in ckpt.rng_warnings(whole_checkpoint(tmp_path, 12), 2)[0]
+    assert "random_states_1.pkl" in ckpt_resume.rng_warnings(whole_checkpoint(tmp_path, 12), 2)[0]
 
 
 def test_auto_resume_passes_over_damaged_checkpoints(tmp_path: Path) -> None:
     older = whole_checkpoint(tmp_path, 2)
     newest = whole_checkpoint(tmp_path, 4)
     (newest / "optimizer.bin").unlink()
-    point = ckpt.find_resume("auto", tmp_path, 1)
+    point = ckpt_resume.find_resume("auto", tmp_path, 1)
     assert point is not None and point.path == older and point.warnings == []
     assert point.notes == [
         f"skipped the damaged checkpoint {newest}: optimizer.bin is missing; resuming from "
@@ -195,10 +204,10 @@ def test_auto_resume_passes_over_damaged_checkpoints(tmp_path: Path) -> None:
     ]
     (older / "model.safetensors").write_bytes(b"")
     with pytest.raises(BigftError, match=r"no whole checkpoint .*step-00000004: optimizer"):
-        ckpt.find_resume("auto", tmp_path, 1)
+        ckpt_resume.find_resume("auto", tmp_path, 1)
     with pytest.raises(BigftError, match=r"train.resume: checkpoint '.*step-00000002' is damaged"):
-        ckpt.find_resume(str(older), tmp_path, 1)
-    assert ckpt.find_resume("auto", tmp_path / "fresh", 1) is None
+        ckpt_resume.find_resume(str(older), tmp_path, 1)
+    assert ckpt_resume.find_resume("auto", tmp_path / "fresh", 1) is None
 
 
 def test_a_checkpoint_being_replaced_counts_under_its_final_name(tmp_path: Path) -> None:
@@ -206,7 +215,7 @@ def test_a_checkpoint_being_replaced_counts_under_its_final_name(tmp_path: Path)
     clean_partial puts back: resume picks it without moving anything first."""
     whole_checkpoint(tmp_path, 2)
     old = whole_checkpoint(tmp_path, 4, name="step-00000004.old")
-    point = ckpt.find_resume("auto", tmp_path, 1)
+    point = ckpt_resume.find_resume("auto", tmp_path, 1)
     assert point is not None and point.path.name == "step-00000004"
     assert point.location == old and old.is_dir() and not point.path.exists()
 
@@ -221,27 +230,27 @@ def test_engine_formats_are_checked_whole(tmp_path: Path) -> None:
         writer = dcp.FileSystemWriter(str(fsdp / sub))
         dcp.save({"model": {"w": torch.ones(256)}}, storage_writer=writer)
     (fsdp / STATE_FILE).write_text(json.dumps({"step": 2, "loader": {}, "strategy": "fsdp2"}))
-    assert ckpt.checkpoint_problem(fsdp) is None
+    assert ckpt_resume.checkpoint_problem(fsdp) is None
     shard = next((fsdp / "pytorch_model_fsdp_0").glob("*.distcp"))
     with shard.open("r+b") as fh:
         fh.truncate(100)
     assert re.fullmatch(
         rf"pytorch_model_fsdp_0/{shard.name} is truncated \(100 bytes; "
         r"pytorch_model_fsdp_0/\.metadata declares \d+\)",
-        str(ckpt.checkpoint_problem(fsdp)),
+        str(ckpt_resume.checkpoint_problem(fsdp)),
     )
 
     zero = tmp_path / "zero3"
     (zero / "pytorch_model").mkdir(parents=True)
     (zero / STATE_FILE).write_text(json.dumps({"step": 2, "loader": {}, "strategy": "zero3"}))
-    assert ckpt.checkpoint_problem(zero) == "pytorch_model/*model_states.pt is missing"
+    assert ckpt_resume.checkpoint_problem(zero) == "pytorch_model/*model_states.pt is missing"
     model_states = zero / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     optim_states = zero / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     for file in (model_states, optim_states):
         torch.save({"module": {"w": torch.ones(256)}}, file)
-    assert ckpt.checkpoint_problem(zero) is None
+    assert ckpt_resume.checkpoint_problem(zero) is None
     optim_states.write_bytes(optim_states.read_bytes()[:200])
-    assert ckpt.checkpoint_problem(zero) == (
+    assert ckpt_resume.checkpoint_problem(zero) == (
         f"pytorch_model/{optim_states.name} is truncated or corrupt (its zip directory is "
         "unreadable)"
     )

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 import bigft
 from bigft.commands import app
+from bigft.engine.launcher import isolated_workers
 from bigft.errors import BigftError
-from bigft.launcher import isolated_workers
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ IDS = torch.tensor([[1, 40, 41, 42, 43, 10, 50, 51, 52, 10, 60, 61]])
 def _qlora_model(tiny_base: Path) -> Any:
     """The tiny base loaded in 4 bits the way training loads it, with LoRA adapters."""
     from bigft.config import Config
-    from bigft.methods import apply_method
-    from bigft.model import load_model
+    from bigft.model.load import load_model
+    from bigft.model.methods import apply_method
 
     cfg = Config.model_validate(
         {

@@ -13,11 +13,13 @@ import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from bigft import slurm
 from bigft.commands import app
 from bigft.config import Config
-from bigft.config_io import load_config, user_overrides
+from bigft.config_io import load_config
+from bigft.config_yaml import user_overrides
 from bigft.errors import ConfigError
+from bigft.slurm import job as slurm_job
+from bigft.slurm import sweep as slurm_sweep
 
 # Line numbers below refer to this text.
 BASE = """\
@@ -486,7 +488,7 @@ output_dir: ~/runs/x
     assert load_config(path, ["output_dir=~/runs/y"]).output_dir == str(home / "runs/y")
     assert load_config(path, ["distill.teacher=~/t"]).distill.teacher == str(home / "t")
     # A Slurm job gets absolute paths: the home directory's, not ./~ under the cwd.
-    assert slurm.load_job_config(path, []).output_dir == str((home / "runs/x").resolve())
+    assert slurm_job.load_job_config(path, []).output_dir == str((home / "runs/x").resolve())
 
 
 @pytest.mark.parametrize("key", ["output_dir", "data.train", "model.name_or_path"])
@@ -529,19 +531,19 @@ def test_output_dir_in_the_file_that_no_file_system_takes(tmp_path: Path) -> Non
 )  # fmt: skip
 def test_grid_mistakes(grid: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
-        slurm.expand_grid(grid)
+        slurm_sweep.expand_grid(grid)
 
 
 def test_sweep_writes_nothing_for_a_bad_grid(tmp_path: Path) -> None:
     path = write(tmp_path, BASE.replace("runs/x", str(tmp_path / "sweep")))
     with pytest.raises(ConfigError, match=r"^--grid output_dir"):
-        slurm.prepare_sweep(path, [], ["train.seed=1,2", "output_dir=a,b"], {})
+        slurm_sweep.prepare_sweep(path, [], ["train.seed=1,2", "output_dir=a,b"], {})
     with pytest.raises(
         ConfigError, match=r"^command-line override optim\.lrr: unknown key; did you mean 'lr'\?$"
     ):
-        slurm.prepare_sweep(path, [], ["optim.lrr=1e-4,2e-4"], {})
+        slurm_sweep.prepare_sweep(path, [], ["optim.lrr=1e-4,2e-4"], {})
     assert not (tmp_path / "sweep").exists()
-    _, n = slurm.prepare_sweep(path, [], ["train.seed=1,2", "optim.lr=1e-4,2e-4"], {})
+    _, n = slurm_sweep.prepare_sweep(path, [], ["train.seed=1,2", "optim.lr=1e-4,2e-4"], {})
     assert n == 4
 
 

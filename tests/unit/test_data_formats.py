@@ -15,9 +15,8 @@ from bigft.data.formats import (
     IGNORE_INDEX,
     FormatSpec,
     Formatter,
-    RowError,
 )
-from bigft.errors import ConfigError
+from bigft.errors import ConfigError, RowError
 
 DATA = Path(__file__).parents[1] / "assets" / "data"
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from bigft.config import ParallelConfig, TrainConfig
-from bigft.distributed import (
-    BatchLayout,
-    batch_layout,
+from bigft.engine.settings import BatchLayout, batch_layout
+from bigft.engine.sharding import (
     check_fsdp_layers,
     deepspeed_config,
     fsdp_plugin,

@@ -135,3 +135,55 @@ def test_the_walk_sees_every_kind_of_import(tmp_path: Path) -> None:
     assert cycles(graph) == [["pkg.other", "pkg.sub", "pkg.sub.leaf", "pkg.top"]]
     path = cycle_path(graph, cycles(graph)[0])
     assert path[0] == path[-1] == "pkg.other" and len(path) == 5
+
+
+# The layers, lowest first, as README's module map shows them: a module may import its own
+# layer and the ones below it. plan.hardware (the GPU catalogue) is data the schema checks.
+LAYERS = (
+    ("bigft", "bigft._compat", "bigft.errors", "bigft.plan.hardware", "bigft.config"),
+    (
+        "bigft.config_yaml",
+        "bigft.config_io",
+        "bigft.tracking",
+        "bigft.losses",
+        "bigft.chunked_loss",
+    ),
+    ("bigft.engine", "bigft.model", "bigft.data", "bigft.optim", "bigft.rundir", "bigft.faults"),
+    ("bigft.plan", "bigft.tiny", "bigft.loop", "bigft.eval", "bigft.slurm", "bigft.report"),
+    ("bigft.commands", "bigft.demo", "bigft.__main__"),
+)
+
+
+def layer(module: str) -> int:
+    """Index in LAYERS of the longest prefix naming `module` or its package."""
+    best = (-1, -1)
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best[1]:
+                best = (i, len(name))
+    assert best[0] >= 0, f"{module} is in no layer of LAYERS: add it"
+    return best[0]
+
+
+def test_no_module_imports_a_layer_above_it() -> None:
+    """Commands sit on the library and the library never imports them; the loop, eval,
+    slurm and report sit on the engines, the model and the data, never the other way."""
+    graph = import_graph()
+    upward = [
+        f"{module} -> {dep}"
+        for module, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if layer(dep) > layer(module)
+    ]
+    assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
+
+
+def test_modules_stay_readable_in_one_sitting() -> None:
+    """Files of at most 400 lines; config.py is the schema with its field docs."""
+    long = {
+        name: n
+        for name, path in module_names().items()
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400
+        and name != "bigft.config"
+    }
+    assert not long, f"modules over 400 lines: {long}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bigft.run import LoopState, Run
+from bigft.loop.run import LoopState, Run
 from bigft.tracking import strict_json
 
 

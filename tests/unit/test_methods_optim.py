@@ -148,7 +148,7 @@ def test_configs_cover_the_targets() -> None:
 
 def test_train_top_layers_zero_trains_head_and_final_norm_only() -> None:
     from bigft.errors import BigftError
-    from bigft.methods import apply_freezing
+    from bigft.model.methods import apply_freezing
     from bigft.tiny import build_tiny_llama
 
     model = build_tiny_llama(vocab_size=100)
@@ -163,7 +163,7 @@ def test_missing_peft_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
     from bigft.errors import BigftError
-    from bigft.methods import apply_adapters
+    from bigft.model.methods import apply_adapters
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

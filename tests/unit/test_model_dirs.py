@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from bigft.commands import app
 from bigft.config import ModelConfig
 from bigft.errors import ModelError
-from bigft.model import load_model, load_tokenizer
+from bigft.model.load import load_model, load_tokenizer
 from tests.helpers import alpaca_rows, write_config, write_jsonl
 
 
@@ -149,7 +149,7 @@ def test_tokenizer_from_another_directory_is_fine(
 
 
 def test_safetensors_check_reads_the_header_only(tiny_base: Path, tmp_path: Path) -> None:
-    from bigft.model import safetensors_problem
+    from bigft.model.checks import safetensors_problem
 
     good = tiny_base / "model.safetensors"
     assert safetensors_problem(good) is None
@@ -180,7 +180,7 @@ def test_seq_len_beyond_the_model_is_refused(config_file: Path, tiny_base: Path)
 def test_context_limit_counts_rope_scaling() -> None:
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
-    from bigft.model import context_limit
+    from bigft.model.checks import context_limit
 
     assert context_limit(LlamaConfig(max_position_embeddings=1024)) == (
         1024,

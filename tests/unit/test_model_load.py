@@ -13,13 +13,12 @@ import torch
 
 from bigft.config import ModelConfig
 from bigft.errors import ModelError
-from bigft.model import (
+from bigft.model.attention import (
     attention_implementation,
     attention_summary,
     choose_attn_implementation,
-    load_dtype,
-    load_model,
 )
+from bigft.model.load import load_dtype, load_model
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 128}
 

@@ -28,7 +28,7 @@ from bigft.config import Config
 from bigft.data.labeled import make_collator
 from bigft.data.packing import needs_flat_packing, pack
 from bigft.losses import logits_and_labels
-from bigft.model import attention_implementation
+from bigft.model.attention import attention_implementation
 
 PROBE = "bigft_varlen_probe"  # no "flash" in the name: transformers would import kernels
 SEQ_LEN = 40

@@ -11,7 +11,7 @@ import yaml
 from bigft.errors import ConfigError
 from bigft.plan import analytic, get_gpu, load_arch, make_plan, model_states, shipped_archs
 from bigft.plan.batch import max_micro_batch, pick_micro_batch, total_bytes, usable_bytes
-from bigft.plan.memory import zero_model_states
+from bigft.plan.memory import phase_breakdowns, zero_model_states
 from bigft.plan.workload import Workload
 
 GB, GIB = 1e9, 1024**3
@@ -83,12 +83,37 @@ def test_full_finetuning_7b_needs_sharding_beyond_one_80gb_card() -> None:
 
 
 def test_large_vocabulary_logits_dominate_long_sequences() -> None:
-    work = Workload(arch=load_arch("llama-3.1-8b"), method="lora", seq_len=8192, grad_ckpt=True)
+    work = Workload(
+        arch=load_arch("llama-3.1-8b"),
+        method="lora",
+        seq_len=8192,
+        grad_ckpt=True,
+        loss_impl="full",
+    )
     b = analytic(work)
     assert b.phase == "loss"
     # fp32 log-softmax, its gradient and the input gradient: 12 bytes x vocab x tokens.
     assert b.logits == pytest.approx(12 * 128256 * 8191, rel=1e-6)
     assert b.logits > b.activations
+
+
+def test_chunked_loss_holds_one_chunk_of_logits() -> None:
+    arch = load_arch("llama-3.1-8b")
+    work = Workload(arch=arch, method="lora", seq_len=8192, grad_ckpt=True, loss_chunk=256)
+    assert work.loss_path == "chunked"  # the default, loss_impl auto
+    loss = phase_breakdowns(work)["loss"]
+    # One chunk's 12 bytes x vocab, plus the hidden states' fp32 gradient.
+    assert loss["logits"] == pytest.approx(12 * 128256 * 256 + 4 * 4096 * 8192, rel=1e-6)
+    b, full = analytic(work), analytic(work.with_(loss_impl="full"))
+    assert b.phase != "loss"  # the loss no longer sets the peak
+    assert full.tensor_peak - b.tensor_peak > 9 * GIB  # 29.4 GiB -> 20.3 GiB
+
+
+def test_models_that_transform_logits_plan_the_full_loss() -> None:
+    gemma = Workload(arch=load_arch("gemma-2-9b"), seq_len=4096)
+    assert gemma.loss_path == "full"  # final_logit_softcapping
+    with pytest.raises(ConfigError, match="final_logit_softcapping"):
+        gemma.with_(loss_impl="chunked")
 
 
 def test_chosen_micro_batch_fits_and_the_next_does_not() -> None:

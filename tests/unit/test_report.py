@@ -14,14 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from bigft.commands import app
-from bigft.report import (
-    best_point,
-    config_diff,
-    latest_per_step,
-    load_run,
-    lower_is_better,
-    report_panels,
-)
+from bigft.report.render import report_panels
+from bigft.report.runs import best_point, config_diff, latest_per_step, load_run, lower_is_better
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigft import slurm
 from bigft.config import Config
 from bigft.config_io import dump_config, load_config
 from bigft.errors import BigftError, ConfigError
+from bigft.slurm import job as slurm_job
+from bigft.slurm import queue as slurm_queue
 from bigft.tracking import flat_hparams, resolve_trackers, tracker_values
 from tests.slurm.test_render import stubs, write_yaml
 
@@ -104,8 +105,8 @@ def test_slurm_job_takes_secrets_from_the_environment_only(
 ) -> None:
     env = {"WANDB_API_KEY": SECRET, "OMP_NUM_THREADS": "4"}
     cfg_path = write_yaml(tmp_path / "cfg.yaml", {"env": env}, tmp_path / "run")
-    cfg = slurm.load_job_config(cfg_path, [])
-    script = slurm.prepare_job(cfg, cfg_path)
+    cfg = slurm_job.load_job_config(cfg_path, [])
+    script = slurm_job.prepare_job(cfg, cfg_path)
     for path in script.parent.rglob("*"):
         if path.is_file():
             assert SECRET not in path.read_text(), path
@@ -116,7 +117,7 @@ def test_slurm_job_takes_secrets_from_the_environment_only(
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("STUB_LOG", str(log))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    slurm.submit_script(script, script.parent, secrets=slurm.secret_env(cfg.slurm))
+    slurm_queue.submit_script(script, script.parent, secrets=slurm_job.secret_env(cfg.slurm))
     [sbatch] = [json.loads(line) for line in log.read_text().splitlines()]
     assert sbatch["prog"] == "sbatch" and sbatch["env"]["WANDB_API_KEY"] == SECRET
     assert SECRET not in (script.parent / "job.json").read_text()

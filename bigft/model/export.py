@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bigft.checkpoint import current_umask, share_like_other_files
 from bigft.config import Config
 from bigft.config_io import load_config
+from bigft.engine.storage import current_umask, share_like_other_files
 from bigft.errors import BigftError, require
 from bigft.rundir import holds_run, resolved
 
@@ -60,7 +60,7 @@ def merged_model(cfg: Config, adapter_dir: Path) -> Any:
     require("peft", "lora", "merging an adapter")
     from peft import PeftModel
 
-    from bigft.model import load_model
+    from bigft.model.load import load_model
 
     quant = cfg.method.quant if cfg.method.name == "qlora" else None
     base = load_model(cfg.model, quant=quant)
@@ -105,7 +105,7 @@ def export_run(
     run_dir: str | Path, out: str | Path, merge: bool = False, overwrite: bool = False
 ) -> Path:
     """Write the run's final model to `out`: adapter only, merged, or the full model."""
-    from bigft.model import load_tokenizer
+    from bigft.model.load import load_tokenizer
 
     run_dir, out = Path(run_dir), Path(out).expanduser()
     final = find_final(run_dir)

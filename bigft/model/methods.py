@@ -17,7 +17,7 @@ from torch import nn
 
 from bigft.config import Config, LoraConfig, MethodConfig
 from bigft.errors import BigftError, require
-from bigft.model import compute_dtype, count_parameters, load_dtype
+from bigft.model.load import compute_dtype, count_parameters, load_dtype
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from typing import Any
 from accelerate import Accelerator
 from rich.console import Console
 
-from bigft import checkpoint as ckpt
 from bigft.config import Config
 from bigft.data import PreparedData, ShardedLoader
-from bigft.distributed import BatchLayout
+from bigft.engine import checkpoint as ckpt
+from bigft.engine.resume import load_checkpoint
+from bigft.engine.settings import BatchLayout
 from bigft.tracking import MetricsLog
 
 
@@ -94,6 +95,7 @@ class Run(EvalContext):
     total_steps: int
     output_dir: Path
     teacher: Any = None  # distillation teacher (frozen, eval mode)
+    loss_info: dict[str, Any] = field(default_factory=dict)  # train.loss_impl in effect
     # Test hook (bigft.faults): the steps whose loss this process makes NaN.
     nonfinite_steps: frozenset[int] = frozenset()
     state: LoopState = field(default_factory=LoopState)
@@ -139,8 +141,8 @@ class Run(EvalContext):
 
     def restore(self, path: Path) -> None:
         """Load the checkpoint in `path`: weights, optimizer and RNG states
-        (`ckpt.load_checkpoint`), then its trainer_state.json (`load_state_dict`)."""
-        state = ckpt.load_checkpoint(self.accelerator, path, self.cfg.model.allow_pickle)
+        (`load_checkpoint`), then its trainer_state.json (`load_state_dict`)."""
+        state = load_checkpoint(self.accelerator, path, self.cfg.model.allow_pickle)
         self.load_state_dict(state)
 
 

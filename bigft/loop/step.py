@@ -1,0 +1,143 @@
+"""One optimizer step: `grad_accum` micro-batches whose loss is normalized by the target
+tokens of the whole step, a non-finite check every process agrees on, clipping, the update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+
+from bigft.engine import preemption
+from bigft.engine.settings import resolve_precision
+from bigft.loop.run import Run
+from bigft.losses import Batch, count_targets, loss_sum, target_mask
+
+
+def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches.
+
+    Each micro-batch's summed token loss is divided by the target tokens of the whole
+    step on all processes, so 4 micro-batches of 1 give the same update as 1 of 4
+    whatever the sequence lengths. Accelerate divides by grad_accum and DDP averages over
+    processes; the scale below undoes both.
+    """
+    acc, model = run.accelerator, run.model
+    lr = step_lr(run.optimizer, run.cfg.optim.lr)  # what this step's update uses
+    local_targets = sum(count_targets(b) for b in micro_batches)
+    # One collective per step carries the token counts and any process's stop request.
+    counts = torch.tensor(
+        [
+            local_targets,
+            sum(_real_tokens(b) for b in micro_batches),
+            preemption.requested() is not None,
+        ],
+        dtype=torch.float64,
+        device=acc.device,
+    )
+    global_targets, global_tokens, stop_requests = acc.reduce(counts, reduction="sum").tolist()
+    scale = run.layout.grad_accum * acc.num_processes / max(global_targets, 1.0)
+
+    loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
+    update: dict[str, float] = {}
+    for batch in micro_batches:
+        with acc.accumulate(model):
+            summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run))
+            if run.state.step + 1 in run.nonfinite_steps:  # a test's fault (bigft.faults)
+                summed = summed * float("nan")
+            acc.backward(summed * scale)
+            loss_total += summed.detach().double()
+            if acc.sync_gradients:  # the step's last micro-batch: update, or skip it
+                update = _apply_update(run, loss_total, global_targets)
+    # A skipped step still advances the schedule: lr stays a function of the step number,
+    # the same whether or not a run was interrupted and resumed.
+    run.scheduler.step()
+    return {
+        **update,
+        "lr": lr,
+        "tokens": global_tokens,
+        "targets": global_targets,
+        "stop_requests": stop_requests,
+    }
+
+
+def _apply_update(run: Run, loss_total: torch.Tensor, global_targets: float) -> dict[str, float]:
+    """Clip, agree on finiteness, then step the optimizer or skip the update.
+
+    The step's loss reduce doubles as the vote: a sum is NaN/inf when any process's
+    addend is, so every process reaches the same decision without another collective.
+    The clipped gradient norm is global already (DDP's all-reduced gradients, FSDP2's
+    reduced norm). fp16 loss scalers overflow on purpose while they calibrate and skip
+    those updates themselves, so under fp16 only the loss is checked. DeepSpeed updates
+    inside backward and skips steps with non-finite gradients itself (its overflow check;
+    seen with ZeRO-2/3 in fp32, with and without clipping); `applied` reports what it did.
+    """
+    acc, model, train = run.accelerator, run.model, run.cfg.train
+    grad_norm = None
+    if train.max_grad_norm is not None:
+        grad_norm = acc.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+    if grad_norm is None and hasattr(model, "get_global_grad_norm"):
+        grad_norm = model.get_global_grad_norm()  # DeepSpeed clips (and measures) itself
+    check_grads = resolve_precision(train.precision) != "fp16"
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    # Without clipping there is no norm: each process checks its own (shard of the)
+    # gradients and the flag rides in the same reduce.
+    own_check = check_grads and grad_norm is None and not deepspeed
+    bad_grads = float(own_check and _grads_nonfinite(model))
+    votes = torch.stack([loss_total, loss_total.new_tensor(bad_grads)])
+    loss_sum_all, bad_anywhere = acc.reduce(votes, reduction="sum").tolist()
+    loss = loss_sum_all / max(global_targets, 1.0)
+    norm = float(grad_norm) if grad_norm is not None else float("nan")
+    nonfinite = (
+        not math.isfinite(loss)
+        or bad_anywhere > 0
+        or (check_grads and grad_norm is not None and not math.isfinite(norm))
+    )
+    # Only bigft's own step can be held back: DeepSpeed stepped in backward, and a
+    # GradScaler must see the step to lower its scale (it skips the update itself).
+    skip = nonfinite and not deepspeed and acc.scaler is None
+    if not skip:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    applied = not skip and not acc.optimizer_step_was_skipped
+    return {"loss": loss, "grad_norm": norm, "nonfinite": nonfinite, "applied": applied}
+
+
+def step_lr(optimizer: Any, base_lr: float) -> float:
+    """optim.lr scaled by the schedule as it stands now, i.e. the peak learning rate of
+    the coming update (groups with their own lr, e.g. layer-wise decay, scale the same)."""
+    group = optimizer.param_groups[0]
+    initial = group.get("initial_lr") or group["lr"]
+    return base_lr * group["lr"] / initial if initial else 0.0
+
+
+def _grads_nonfinite(model: Any) -> bool:
+    """Whether this process's gradients hold a NaN/inf (one host sync, not one per tensor)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return False
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 shards
+    return not bool(torch.stack([g.isfinite().all() for g in local]).all())
+
+
+def _distill_args(run: Run) -> tuple[float, float]:
+    return run.cfg.distill.temperature, run.cfg.distill.weight
+
+
+def _real_tokens(batch: Batch) -> int:
+    """Input tokens that are not padding (packed rows: positions inside a sequence)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "position_ids" not in batch:
+        return int(batch["input_ids"].numel())
+    # Packed rows (one row per micro-batch row, or all of them flattened into one): a
+    # sequence starts where position_ids is 0; the padding filling a row's tail is a
+    # sequence with no target, while every real sequence holds at least one target.
+    starts = batch["position_ids"].reshape(-1) == 0
+    starts[0] = True
+    segment = starts.long().cumsum(0) - 1
+    targets = target_mask(batch["labels"]).reshape(-1).long()
+    real = torch.bincount(segment, weights=targets.double()) > 0
+    return int(real[segment].sum())

@@ -1,0 +1,1 @@
+"""Reports and comparisons of finished or running runs, read from their directories."""
