@@ -167,6 +167,8 @@ result = {
     "optimizer_steps_every_param": stepped == {id(p) for p in model.parameters()},
 }
 Path(sys.argv[2], f"rank{acc.process_index}.json").write_text(json.dumps(result))
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()  # no gloo thread left running at exit
 """
 
 
