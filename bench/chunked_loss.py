@@ -6,14 +6,13 @@
 
 A Llama made in code with Llama-3's vocabulary (128,256), by default hidden 256 and 2
 layers, fp32 on the CPU: the lm_head and the loss are nearly all of the step, the worst
-case for the chunked loss's recomputed lm_head matmul (in Llama-3.1-8B they are ~7 % of
-the matmul work). `--frozen-head` freezes the embeddings and the lm_head, as LoRA does:
-the head then needs no weight gradient, which the chunked loss otherwise computes (and
-sums) once per chunk. Each variant runs in
-a fresh process: one forward + backward (`bigft.losses.loss_sum`, then `backward`) whose
-peak RSS over the model's resident baseline (`ru_maxrss`, gradients not yet allocated) is
-the memory column, then `--steps` more whose median is the time column. Prints a markdown
-table; figures go to bench/RESULTS.md.
+case for any chunked loss (in Llama-3.1-8B they are ~7 % of the matmul work).
+`--frozen-head` freezes the embeddings and the lm_head, as LoRA does: the head then
+needs no weight gradient, which the chunked loss otherwise accumulates chunk by chunk.
+Each variant runs in a fresh process: one forward + backward (`bigft.losses.loss_sum`,
+then `backward`) whose peak RSS over the model's resident baseline (`ru_maxrss`,
+gradients not yet allocated) is the memory column, then `--steps` more whose median is
+the time column. Prints a markdown table; figures go to bench/RESULTS.md.
 """
 
 from __future__ import annotations

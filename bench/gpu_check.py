@@ -1,5 +1,5 @@
 """GPU checks in one command: packed flash-attention isolation, planner vs measured peak
-memory, tokens/s and MFU, and FSDP2's gradient reduce dtype.
+memory, tokens/s and MFU, FSDP2's gradient reduce dtype, and the memory / speed options.
 
     python bench/gpu_check.py --out gpu.json           # one H100 / H200, under 8 minutes
     python bench/gpu_check.py --tiny --out tiny.json   # CPU smoke run of the same code
@@ -25,6 +25,8 @@ tokenizer and loaded back by bigft's own loading code. --tiny: a 2-layer Llama o
    peak in bigft.plan.hardware.
 4. fsdp2 reduce dtype: one-process FSDP2 through bigft (NCCL on a GPU): the reduce dtype
    of every FSDP2 parameter group, engine_report's, and the sharded gradients' dtype.
+5. options: the QLoRA recipe with full logits, the chunked loss, and the chunked loss with
+   activation offload, tiled MLP or torch.compile: peak memory and tokens/s of each.
 
 A failing check prints its error and the others still run; the exit code is 1 if any
 failed. On CUDA each check runs in a child process (a clean peak-memory counter, no engine
@@ -84,7 +86,7 @@ LLAMA_31_8B = {
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
 TINY |= {"num_key_value_heads": 2, "max_position_embeddings": 1024}
 METHODS = ("lora", "qlora", "full")
-CHECKS = ("isolation", *METHODS, "fsdp2")
+CHECKS = ("isolation", *METHODS, "options", "fsdp2")  # --tiny: fsdp2 leaves accelerate state
 # Each method as its recipe in configs/ trains it (rank, checkpointing), with AdamW: paged
 # optimizers keep their states in managed memory, which max_memory_allocated misses.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -170,9 +172,12 @@ def flash_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def write_run_config(s: Settings, name: str, method: str, layers: int, **extra: Any) -> Path:
+def write_run_config(
+    s: Settings, name: str, method: str, layers: int, extra: dict[str, Any] | None = None
+) -> Path:
     """A bigft YAML for `method` on the saved model and a text file of random documents
-    (1/8 to all of seq_len characters: tokens, with the character tokenizer)."""
+    (1/8 to all of seq_len characters: tokens, with the character tokenizer). `extra`
+    sections are merged into the config's own (a new key adds, a known one replaces)."""
     import yaml
 
     root = Path(s.workdir) / "runs" / name
@@ -213,8 +218,12 @@ def write_run_config(s: Settings, name: str, method: str, layers: int, **extra: 
         "checkpoint": {"export": False},
         "logging": {"progress_bar": False, "trackers": []},
         "output_dir": str(root / "out"),
-        **extra,
     }
+    for section, values in (extra or {}).items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return root / "config.yaml"
 
@@ -249,11 +258,9 @@ def bigft_run(config: Path) -> Iterator[Any]:
 
 
 def next_step(run: Any, batches: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The next optimizer step's micro-batches on the device, as the loop takes them."""
-    device = run.accelerator.device
-    return [
-        {k: v.to(device) for k, v in next(batches).items()} for _ in range(run.layout.grad_accum)
-    ]
+    """The next optimizer step's micro-batches on the host, as the loop hands them to
+    `train_step` (which counts their tokens there and moves them)."""
+    return [next(batches) for _ in range(run.layout.grad_accum)]
 
 
 def sync() -> None:
@@ -579,6 +586,74 @@ def check_method(s: Settings, method: str) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------- 5. memory and speed options (issue 15)
+
+# The 4090 recipe's method with each memory / speed option of bigft, one run each.
+OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "full logits": {"train": {"loss_impl": "full"}},
+    "chunked loss": {"train": {"loss_impl": "chunked"}},
+    "chunked + offload": {
+        "train": {"loss_impl": "chunked"},
+        "method": {"offload_activations": True},
+    },
+    "chunked + tiled MLP": {"train": {"loss_impl": "chunked"}, "method": {"tiled_mlp": True}},
+    "chunked + compile": {"train": {"loss_impl": "chunked", "compile": True}},
+}
+
+
+def check_options(s: Settings) -> dict[str, Any]:
+    """Peak memory and tokens/s of the QLoRA recipe (LoRA without bitsandbytes) under each
+    of `OPTIONS`, the same steps as checks 2 and 3; each entry also gives the planner's
+    tensor peak for its config."""
+    import torch
+
+    from bigft.loop.step import train_step
+
+    method = "qlora" if importlib.util.find_spec("bitsandbytes") else "lora"
+    cuda = torch.cuda.is_available()
+    entries: dict[str, Any] = {}
+    for name, sections in OPTIONS.items():
+        slug = "option-" + name.replace(" ", "-").replace("+", "and")
+        config = write_run_config(s, slug, method, s.layers, sections)
+        try:
+            with bigft_run(config) as run:
+                batches = iter(run.loader)
+                for _ in range(s.warmup_steps):
+                    train_step(run, next_step(run, batches))
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                tokens, start = 0.0, time.perf_counter()
+                for _ in range(s.steps):
+                    tokens += train_step(run, next_step(run, batches))["tokens"]
+                sync()
+                elapsed = time.perf_counter() - start
+                predicted = planner_prediction(run)["predicted_tensor_peak_bytes"]
+                loss = dict(run.loss_info)
+            measured = torch.cuda.max_memory_allocated() if cuda else None
+            entry = {
+                "status": "ok",
+                "tokens_per_s": tokens / elapsed,
+                "measured_allocated_bytes": measured,
+                "predicted_tensor_peak_bytes": predicted,
+                "loss_impl": loss.get("loss_impl"),
+            }
+            entry["summary"] = f"{tokens / elapsed:,.0f} tokens/s, predicted {size(predicted)}"
+            entry["summary"] += f", measured {size(measured)}" if measured else ", measured n/a"
+        except Exception as exc:  # one option's failure must not hide the others
+            traceback.print_exc()
+            entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}".strip()}
+        entries[name] = entry
+        log(f"options {name}: {entry.get('summary') or entry.get('error')}")
+    failed = [f"{n}: {e['error']}" for n, e in entries.items() if e["status"] == "failed"]
+    return {
+        "status": "failed" if failed else "ok",
+        "error": "; ".join(failed) or None,
+        "method": method,
+        "entries": entries,
+    }
+
+
 # ---------------------------------------------------------------- 4. FSDP2 reduce dtype
 
 
@@ -646,7 +721,7 @@ def check_fsdp2(s: Settings) -> dict[str, Any]:
     from bigft.losses import loss_sum
 
     fsdp2 = {"parallel": {"strategy": "fsdp2"}}
-    config = write_run_config(s, "fsdp2", "full", s.full_layers, **fsdp2)
+    config = write_run_config(s, "fsdp2", "full", s.full_layers, fsdp2)
     log(f"fsdp2: full fine-tuning, {s.full_layers} layers, 1 process")
     with one_process_group(), bigft_run(config) as run:
         batches = iter(run.loader)
@@ -699,6 +774,7 @@ TASKS: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "isolation": check_packed_isolation,
     **{m: (lambda s, m=m: check_method(s, m)) for m in METHODS},
     "fsdp2": check_fsdp2,
+    "options": check_options,
 }
 
 
@@ -740,6 +816,7 @@ def report_sections(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "planner_memory": {m: r.get("memory", r) for m, r in methods.items()},
         "throughput": {m: r.get("throughput", r) for m, r in methods.items()},
         "fsdp2_reduce_dtype": results["fsdp2"],
+        "options": results["options"],
     }
 
 
@@ -748,7 +825,12 @@ def summary_rows(sections: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     rows = [(f"packed isolation {n}", e) for n, e in (iso.get("entries") or {"": iso}).items()]
     rows += [(f"planner memory {m}", r) for m, r in sections["planner_memory"].items()]
     rows += [(f"throughput {m}", r) for m, r in sections["throughput"].items()]
-    return [*rows, ("fsdp2 reduce dtype", sections["fsdp2_reduce_dtype"])]
+    rows.append(("fsdp2 reduce dtype", sections["fsdp2_reduce_dtype"]))
+    options = sections["options"]
+    return [
+        *rows,
+        *((f"option {n}", e) for n, e in (options.get("entries") or {"": options}).items()),
+    ]
 
 
 def print_summary(sections: dict[str, Any]) -> None:

@@ -4,13 +4,14 @@ The full path (`bigft.losses`) materialises the B x L x V logits, their fp32 cop
 log-softmax and its gradient: at Llama-3's vocabulary (128,256) one row of 4,096 tokens
 holds ~1 GiB of bf16 logits and ~6 GiB more around the loss. `prepare_loss` replaces the
 output embedding's forward on this one module instance; while
-`bigft.losses.causal_lm_loss_sum` runs the model, that forward returns the loss of each
-position, shape (B, L, 1) in fp32, instead of the logits. Each chunk's logits are
+`bigft.losses.causal_lm_loss_sum` runs the model, that forward returns the loss in place
+of the logits: shape (B, L, 1) in fp32, the batch's summed loss at the first position and
+zeros elsewhere. Each chunk's logits are
 computed in the model's dtype, cast to fp32 and turned into `bigft.losses.position_losses`
-(the full path's own function); under autograd a chunk runs inside non-reentrant
-activation checkpointing, so its logits are freed after forward and recomputed in
-backward, one chunk at a time. Models that rescale or cap their logits after the lm_head
-call (`LOGIT_TRANSFORMS`) keep the full path.
+(the full path's own function); under autograd the chunk's gradients are computed right
+away (`ChunkedHeadLoss`) and its logits freed, so backward has nothing to recompute.
+Models that rescale or cap their logits after the lm_head call (`LOGIT_TRANSFORMS`) keep
+the full path.
 
 Why inside the lm_head call: DeepSpeed ZeRO-3 gathers the lm_head weight only while the
 module runs (and again for its backward, through hooks on its outputs), and FSDP2
@@ -31,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from bigft.errors import BigftError, ConfigError
 from bigft.losses import HEAD_REQUEST, HeadRequest, position_losses
@@ -84,40 +84,37 @@ class HeadLoss:
         request.version = 0 if output.is_inference() else output._version
         return output
 
-    def _chunk_losses(
+    def _chunked(
+        self, hidden: torch.Tensor, labels: torch.Tensor, req: HeadRequest
+    ) -> torch.Tensor:
+        """The (N,) losses of N positions: their sum at position 0, zeros elsewhere (only
+        the sum is differentiable; `causal_lm_loss_sum` reads nothing else)."""
+        teacher = req.teacher.reshape(-1, req.teacher.size(-1)) if req.teacher is not None else None
+        module = self.module
+        total = ChunkedHeadLoss.apply(
+            hidden, module.weight, module.bias, labels, teacher, req, self
+        )
+        rest = torch.zeros(hidden.size(0) - 1, dtype=torch.float32, device=hidden.device)
+        return torch.cat([total.reshape(1), rest])
+
+    def chunk_loss(
         self,
         hidden: torch.Tensor,
         labels: torch.Tensor,
         teacher: torch.Tensor | None,
-        temperature: float,
-        weight: float,
-    ) -> torch.Tensor:
+        req: HeadRequest,
+        with_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One chunk: its summed loss (fp32) and, `with_grad`, the loss's gradient with
+        respect to the chunk's logits (in the logits' dtype, as autograd gives it)."""
         logits = F.linear(hidden, self.module.weight, self.module.bias)
-        return position_losses(logits, labels, teacher, temperature, weight)
-
-    def _chunked(
-        self, hidden: torch.Tensor, labels: torch.Tensor, req: HeadRequest
-    ) -> torch.Tensor:
-        teacher = req.teacher.reshape(-1, req.teacher.size(-1)) if req.teacher is not None else None
-        losses = []
-        for start in range(0, hidden.size(0), self.chunk):
-            part = slice(start, start + self.chunk)
-            args = (hidden[part], labels[part], None if teacher is None else teacher[part])
-            if torch.is_grad_enabled():
-                # The chunk's function has no randomness: no RNG state to stash and restore.
-                losses.append(
-                    checkpoint(
-                        self._chunk_losses,
-                        *args,
-                        req.temperature,
-                        req.weight,
-                        use_reentrant=False,
-                        preserve_rng_state=False,
-                    )
-                )
-            else:
-                losses.append(self._chunk_losses(*args, req.temperature, req.weight))
-        return torch.cat(losses)
+        if not with_grad:
+            return position_losses(logits, labels, teacher, req.temperature, req.weight).sum(), None
+        logits.requires_grad_(True)
+        with torch.enable_grad():
+            loss = position_losses(logits, labels, teacher, req.temperature, req.weight).sum()
+            (grad,) = torch.autograd.grad(loss, logits)
+        return loss.detach(), grad
 
     def _liger(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Liger's fused linear cross-entropy (its own chunking, gradients computed in
@@ -148,6 +145,71 @@ class HeadLoss:
         self.info.update({"loss_impl": "full", "loss_impl_reason": reason})
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """The summed loss of `hidden @ weight.T + bias` against `labels`, a chunk of
+    positions at a time, gradients computed in forward.
+
+    Each chunk's logits are made once: the chunk's loss and its gradient with respect to
+    the logits (`HeadLoss.chunk_loss`) give the hidden rows' gradient (one matmul into
+    their slot of a preallocated (N, H) tensor) and the weight's (one `addmm_` into one
+    V x H buffer), then the chunk is freed. Backward only scales them by the incoming
+    gradient of the sum, a scalar: three lm_head matmuls per position in all, as with
+    full logits, instead of recomputing the chunk in backward (four). Without grad
+    (evaluation) only the losses are computed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        teacher: torch.Tensor | None,
+        req: HeadRequest,
+        head: HeadLoss,
+    ) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        with_grad = need_hidden or need_weight or need_bias
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        compute_weight = weight  # in the logits' dtype (autocast computes in bf16/fp16)
+        for start in range(0, hidden.size(0), head.chunk):
+            part = slice(start, start + head.chunk)
+            rows = hidden[part]
+            chunk_teacher = None if teacher is None else teacher[part]
+            loss, grad = head.chunk_loss(rows, labels[part], chunk_teacher, req, with_grad)
+            total += loss
+            if grad is None:
+                continue
+            if compute_weight.dtype != grad.dtype:
+                compute_weight = weight.to(grad.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = grad @ compute_weight
+            if grad_weight is not None:
+                if grad_weight.dtype == grad.dtype and rows.dtype == grad.dtype:
+                    grad_weight.addmm_(grad.t(), rows)
+                else:  # autocast: a low-precision product added to the fp32 gradient
+                    grad_weight += grad.t() @ rows.to(grad.dtype)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            del grad
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError(
+                "the chunked loss's backward runs once (retain_graph is not supported)"
+            )
+        ctx.scaled = True  # the saved gradients are scaled in place, without a copy
+        grads = [None if g is None else g.mul_(grad_total) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None)
+
+
 def _ineligible(model: Any, head: Any, impl: str) -> str | None:
     """Why the loss cannot run inside this model's head, or None when it can."""
     if head is None:
@@ -162,7 +224,7 @@ def _ineligible(model: Any, head: Any, impl: str) -> str | None:
             return f"the model's config sets {key}: transformers rescales the lm_head output"
     if impl == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
-            return "liger-kernel is not installed (pip install liger-kernel)"
+            return "liger-kernel is not installed (pip install 'bigft[liger]')"
         if not torch.cuda.is_available():
             return "liger-kernel needs a CUDA GPU"
     return None

@@ -356,7 +356,22 @@ class MethodConfig(Section):
         None, ge=1, description="every_k: checkpoint decoder layers 0, k, 2k, ..."
     )
     offload_activations: bool = Field(
-        False, description="Keep checkpointed layer inputs in host memory (torch save_on_cpu)."
+        False,
+        description="Keep checkpointed layer inputs in pinned host memory and bring them back "
+        "for backward, the copies overlapping compute on CUDA (torch's saved-tensor hooks); "
+        "needs gradient_checkpointing full or every_k.",
+    )
+    tiled_mlp: bool = Field(
+        False,
+        description="Run each decoder layer's MLP over the sequence in tiles, each tile's "
+        "intermediates recomputed in backward: at long sequences the MLP's activations "
+        "(3 x tokens x intermediate_size) stop dominating a layer's peak.",
+    )
+    tiled_mlp_shards: int | None = Field(
+        None,
+        ge=1,
+        description="tiled_mlp: tiles per sequence; null: ceil(tokens / hidden_size), "
+        "as ALST does.",
     )
 
     @model_validator(mode="after")
@@ -388,6 +403,8 @@ class MethodConfig(Section):
             raise ValueError("checkpoint_every_k applies to gradient_checkpointing: every_k")
         if self.offload_activations and self.gradient_checkpointing == "off":
             raise ValueError("offload_activations needs gradient_checkpointing full or every_k")
+        if self.tiled_mlp_shards is not None and not self.tiled_mlp:
+            raise ValueError("tiled_mlp_shards applies to tiled_mlp: true")
         return self
 
 
@@ -521,6 +538,17 @@ class TrainConfig(Section):
         "logits (bf16 + fp32 copy + fp32 gradient) at ~0.33 GB for Llama-3's 128,256-token "
         "vocabulary, against ~5 GB at 4,096 tokens unchunked; larger chunks do fewer, "
         "bigger matmuls.",
+    )
+
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (the first steps are slower while it "
+        "compiles; the planner assumes no memory change).",
+    )
+    tf32: bool = Field(
+        True,
+        description="fp32 runs on Ampere or newer GPUs: TF32 matmuls and convolutions "
+        "(torch.backends float32 precision 'high'); false keeps full fp32.",
     )
 
     @field_validator("micro_batch_size")
@@ -962,6 +990,13 @@ class Config(Section):
             raise ValueError(
                 f"qlora with {self.parallel.strategy}: set method.quant.quant_storage to the "
                 "model dtype (e.g. bfloat16) so 4-bit weights can be sharded with the rest"
+            )
+        wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(self.train.precision)
+        if m.name == "qlora" and sharded and wanted and m.quant.quant_storage != wanted:
+            raise ValueError(
+                f"qlora with {self.parallel.strategy} and train.precision "
+                f"{self.train.precision}: set method.quant.quant_storage to {wanted}; the "
+                "engine casts every weight to the compute dtype, packed 4-bit bytes included"
             )
         return self
 

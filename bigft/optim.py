@@ -170,11 +170,14 @@ def optimizer_report(optimizer: Any) -> dict[str, Any]:
     while getattr(optimizer, "optimizer", None) is not None:
         wrappers.append(type(optimizer).__name__)
         optimizer = optimizer.optimizer
-    return {
+    report: dict[str, Any] = {
         "class": type(optimizer).__name__,
         "wrapped_by": wrappers,
         "groups": group_summaries(optimizer),
     }
+    if getattr(optimizer, "defaults", {}).get("fused"):
+        report["fused"] = True
+    return report
 
 
 def describe_groups(optimizer: Any) -> str:
@@ -189,8 +192,17 @@ def describe_groups(optimizer: Any) -> str:
     return "\n".join(lines)
 
 
+def fused_adamw() -> bool:
+    """Whether optim adamw uses torch's fused kernel: on a CUDA machine."""
+    return torch.cuda.is_available()
+
+
 def _adamw(groups: Iterable[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(list(groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """torch's AdamW; on a CUDA machine its fused kernel (one launch for all parameters,
+    and an update it can skip on the device, see `bigft.loop.step`). On the CPU torch's
+    default implementation stays."""
+    fused = fused_adamw() or None
+    return torch.optim.AdamW(list(groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def _bnb_adamw(paged: bool) -> OptimizerBuilder:

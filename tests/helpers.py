@@ -82,3 +82,48 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2) -> list[str]:
         str(script),
         *args,
     ]
+
+
+# ~19M parameters: a real Llama shape for planner comparisons, built from its config.
+SMALL_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 32000,
+}
+
+
+def alive_probe(measure: Any) -> Any:
+    """A dispatch mode that watches the tensors ops create (views excluded) which
+    `measure(tensor)` sizes (None for the others): `largest`, the most one of them had,
+    and `peak`, the most alive at once."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AliveProbe(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.largest = self.live = self.peak = 0
+
+        def _freed(self, size: int) -> None:
+            self.live -= size
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    size = measure(t) if hasattr(t, "untyped_storage") else None
+                    if size is not None:
+                        self.largest = max(self.largest, size)
+                        self.live += size
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(t.untyped_storage(), self._freed, size)
+            return out
+
+    return AliveProbe()

@@ -6,8 +6,10 @@ at module level (bigft --help stays free of torch); --simulate imports torch whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -64,14 +66,21 @@ def plan(
     full_depth: bool = typer.Option(
         False, "--full-depth", help="With --simulate: every layer, no extrapolation."
     ),
+    max_seq_len: bool = typer.Option(
+        False,
+        "--max-seq-len",
+        help="Find the longest sequence that fits at this micro-batch (with --simulate: "
+        "confirmed by simulated steps) and plan it.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Per-GPU memory by component, the micro-batch that fits, and the layouts ranked."""
     from rich.console import Console
 
+    from bigft.plan.from_config import planned_gpu, workload_from_config
     from bigft.plan.hardware import custom_gpu, get_gpu
-    from bigft.plan.planner import make_plan, planned_gpu, workload_from_config
-    from bigft.plan.render import plan_json, print_plan
+    from bigft.plan.planner import make_plan
+    from bigft.plan.render import plan_json, print_plan, print_seq_len, seq_len_json
 
     _check_numbers(
         {
@@ -98,6 +107,8 @@ def plan(
         raise BigftError("key=value overrides need a CONFIG; use the flags with --model")
     if gpu is not None and gpu_mem is not None:
         raise BigftError("pass --gpu or --gpu-mem, not both")
+    if max_seq_len and seq_len is not None:
+        raise BigftError("pass --seq-len or --max-seq-len (which finds it), not both")
     named = planned_gpu(cfg) if gpu is None and gpu_mem is None else None  # hardware.gpu
     card = custom_gpu(gpu_mem) if gpu_mem is not None else named or get_gpu(gpu or "h100-80")
     work = workload_from_config(
@@ -116,6 +127,19 @@ def plan(
     )
     train = getattr(cfg, "train", None)
     given = micro_batch is not None or isinstance(getattr(train, "micro_batch_size", None), int)
+    longest = None
+    if max_seq_len:
+        from bigft.plan.search import SEQ_STEP
+        from bigft.plan.search import max_seq_len as search
+
+        with _quiet():
+            longest = search(work, card, margin, cpu_mem, simulate, full_depth)
+        if longest.seq_len == 0:
+            raise BigftError(
+                f"not even {SEQ_STEP} tokens fit at micro-batch {work.micro_batch} on "
+                f"{card.name}: plan it with --seq-len {SEQ_STEP} to see where memory goes"
+            )
+        work, given = work.with_(seq_len=longest.seq_len), True
     report = make_plan(
         work,
         card,
@@ -132,22 +156,36 @@ def plan(
             f"task {cfg.task} planned as a causal LM: an upper bound (the classification "
             "head's logits are a few per row, not a vocabulary per token)"
         )
-    if simulate:
-        import warnings
-
+    if longest is not None:
+        report.simulated = longest.sim_result
+    elif simulate:
         from bigft.plan.simulate import simulate as run_simulation
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             report.simulated = run_simulation(report.work, full_depth=full_depth)
     if json_out:
-        typer.echo(json.dumps(plan_json(report), indent=2))
+        out = plan_json(report)
+        if longest is not None:
+            out["max_seq_len"] = seq_len_json(longest)
+        typer.echo(json.dumps(out, indent=2))
         if not report.fits:
             raise typer.Exit(2)
         return
+    if longest is not None:
+        print_seq_len(longest, report, Console())
     print_plan(report, Console())
     if report.message:
         raise BigftError(report.message)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the warnings transformers and peft print while the simulator builds models."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _check_numbers(

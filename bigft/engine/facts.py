@@ -43,6 +43,14 @@ def engine_report(accelerator: Accelerator, model: Any, optimizer: Any = None) -
             full += param.numel()
             local += param.numel()
     report["param_fraction_local"] = round(local / max(full, 1), 4)
+    compiled = sum(
+        getattr(m, "_compiled_call_impl", None) is not None
+        for m in accelerator.unwrap_model(model).modules()
+    )
+    if compiled:
+        report["compiled_modules"] = compiled  # train.compile
+    if torch.get_float32_matmul_precision() != "highest":
+        report["float32_matmul_precision"] = torch.get_float32_matmul_precision()  # TF32
     return report
 
 

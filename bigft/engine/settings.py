@@ -71,3 +71,18 @@ def global_rank() -> int:
     """This process's rank in the job (0 when not distributed)."""
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def apply_tf32(enabled: bool) -> bool:
+    """train.tf32: TF32 matmuls and convolutions for the fp32 work of a run on an Ampere or
+    newer GPU (compute capability 8.0+), where they run on tensor cores at ~8x the fp32
+    rate with a 10-bit mantissa; bf16 / fp16 matmuls are unaffected. Returns whether TF32
+    is now on. Without CUDA nothing changes: on a CPU, torch's "high" float32 precision
+    may let oneDNN compute fp32 matmuls in bf16."""
+    if not enabled or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability()[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True

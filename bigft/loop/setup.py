@@ -27,7 +27,7 @@ from bigft.data.labeled import make_collator, prepare_for_task
 from bigft.engine.accelerator import adopt_launcher_strategy, build_accelerator, print_on_main
 from bigft.engine.checkpoint import clean_partial
 from bigft.engine.resume import ResumePoint, check_compatible, check_fits, find_resume
-from bigft.engine.settings import batch_layout, world_size_from_env
+from bigft.engine.settings import apply_tf32, batch_layout, world_size_from_env
 from bigft.engine.sharding import check_fsdp_layers, offloads_optimizer_step
 from bigft.engine.storage import check_disk_space
 from bigft.errors import BigftError
@@ -38,6 +38,7 @@ from bigft.eval.metrics import load_scorer
 from bigft.loop.run import Run
 from bigft.model.attention import attention_implementation
 from bigft.model.checks import check_model_config, check_model_dir
+from bigft.model.compiled import compile_layers
 from bigft.model.load import load_configured_model, load_model, load_tokenizer
 from bigft.model.methods import apply_method
 from bigft.optim import build_optimizer, build_scheduler
@@ -119,6 +120,9 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         if cfg.task == "causal_lm"
         else {}
     )
+    if cfg.train.compile:
+        compile_layers(model)
+    apply_tf32(cfg.train.tf32)
     check_fsdp_layers(model, cfg.parallel)
     rundir.check_output_dir(Path(cfg.output_dir), cfg.train.resume, overwrite)
     check_disk_space(cfg.output_dir, model, cfg.optim.name, cfg.checkpoint.export)

@@ -4,7 +4,6 @@ tokens of the whole step, a non-finite check every process agrees on, clipping, 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -17,32 +16,35 @@ from bigft.losses import Batch, count_targets, loss_sum, target_mask
 
 
 def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches.
+    """One optimizer step over `grad_accum` micro-batches, handed over on the host.
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole
     step on all processes, so 4 micro-batches of 1 give the same update as 1 of 4
     whatever the sequence lengths. Accelerate divides by grad_accum and DDP averages over
     processes; the scale below undoes both.
+
+    The host waits for the device once per step, at its end (`_apply_update`): token
+    counts are taken from the host batches before they move, and the step's reduce of
+    them stays on the device, where it scales the losses.
     """
     acc, model = run.accelerator, run.model
     lr = step_lr(run.optimizer, run.cfg.optim.lr)  # what this step's update uses
-    local_targets = sum(count_targets(b) for b in micro_batches)
     # One collective per step carries the token counts and any process's stop request.
-    counts = torch.tensor(
+    local = torch.tensor(
         [
-            local_targets,
+            sum(count_targets(b) for b in micro_batches),
             sum(_real_tokens(b) for b in micro_batches),
             preemption.requested() is not None,
         ],
         dtype=torch.float64,
-        device=acc.device,
     )
-    global_targets, global_tokens, stop_requests = acc.reduce(counts, reduction="sum").tolist()
-    scale = run.layout.grad_accum * acc.num_processes / max(global_targets, 1.0)
+    counts = acc.reduce(local.to(acc.device), reduction="sum")
+    scale = (run.layout.grad_accum * acc.num_processes / counts[0].clamp(min=1.0)).float()
 
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
     update: dict[str, float] = {}
-    for batch in micro_batches:
+    for host_batch in micro_batches:
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in host_batch.items()}
         with acc.accumulate(model):
             summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run))
             if run.state.step + 1 in run.nonfinite_steps:  # a test's fault (bigft.faults)
@@ -50,20 +52,14 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
             acc.backward(summed * scale)
             loss_total += summed.detach().double()
             if acc.sync_gradients:  # the step's last micro-batch: update, or skip it
-                update = _apply_update(run, loss_total, global_targets)
+                update = _apply_update(run, loss_total, counts)
     # A skipped step still advances the schedule: lr stays a function of the step number,
     # the same whether or not a run was interrupted and resumed.
     run.scheduler.step()
-    return {
-        **update,
-        "lr": lr,
-        "tokens": global_tokens,
-        "targets": global_targets,
-        "stop_requests": stop_requests,
-    }
+    return {**update, "lr": lr}
 
 
-def _apply_update(run: Run, loss_total: torch.Tensor, global_targets: float) -> dict[str, float]:
+def _apply_update(run: Run, loss_total: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
     """Clip, agree on finiteness, then step the optimizer or skip the update.
 
     The step's loss reduce doubles as the vote: a sum is NaN/inf when any process's
@@ -73,6 +69,11 @@ def _apply_update(run: Run, loss_total: torch.Tensor, global_targets: float) -> 
     those updates themselves, so under fp16 only the loss is checked. DeepSpeed updates
     inside backward and skips steps with non-finite gradients itself (its overflow check;
     seen with ZeRO-2/3 in fp32, with and without clipping); `applied` reports what it did.
+
+    An optimizer that can skip its update on the device (torch's fused AdamW, which
+    bigft uses on CUDA) is handed the decision as a tensor (`found_inf`, as a GradScaler
+    does), and the host reads the step's figures once, after the update was queued;
+    any other optimizer waits for them before it steps.
     """
     acc, model, train = run.accelerator, run.model, run.cfg.train
     grad_norm = None
@@ -85,24 +86,57 @@ def _apply_update(run: Run, loss_total: torch.Tensor, global_targets: float) -> 
     # Without clipping there is no norm: each process checks its own (shard of the)
     # gradients and the flag rides in the same reduce.
     own_check = check_grads and grad_norm is None and not deepspeed
-    bad_grads = float(own_check and _grads_nonfinite(model))
-    votes = torch.stack([loss_total, loss_total.new_tensor(bad_grads)])
-    loss_sum_all, bad_anywhere = acc.reduce(votes, reduction="sum").tolist()
-    loss = loss_sum_all / max(global_targets, 1.0)
-    norm = float(grad_norm) if grad_norm is not None else float("nan")
-    nonfinite = (
-        not math.isfinite(loss)
-        or bad_anywhere > 0
-        or (check_grads and grad_norm is not None and not math.isfinite(norm))
-    )
+    bad_grads = _grads_nonfinite(model) if own_check else torch.zeros((), dtype=torch.float64)
+    votes = acc.reduce(torch.stack([loss_total, bad_grads.to(acc.device)]), reduction="sum")
+    norm = _as_device_scalar(grad_norm, acc.device)
+    nonfinite = ~votes[0].isfinite() | (votes[1] > 0)
+    if check_grads and grad_norm is not None:
+        nonfinite |= ~norm.isfinite()
     # Only bigft's own step can be held back: DeepSpeed stepped in backward, and a
     # GradScaler must see the step to lower its scale (it skips the update itself).
-    skip = nonfinite and not deepspeed and acc.scaler is None
-    if not skip:
+    own_step = not deepspeed and acc.scaler is None
+    inner = _device_skipping(run.optimizer) if own_step else None
+    figures = torch.cat([counts, votes[:1], norm.reshape(1), nonfinite.double().reshape(1)])
+    if inner is not None:
+        inner.found_inf = nonfinite.float()
+        try:
+            run.optimizer.step()
+        finally:
+            del inner.found_inf
+    targets, tokens, stops, loss_sum_all, norm_value, flag = figures.tolist()  # the wait
+    skip = bool(flag) and own_step
+    if inner is None and not skip:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     applied = not skip and not acc.optimizer_step_was_skipped
-    return {"loss": loss, "grad_norm": norm, "nonfinite": nonfinite, "applied": applied}
+    return {
+        "loss": loss_sum_all / max(targets, 1.0),
+        "grad_norm": norm_value,
+        "nonfinite": bool(flag),
+        "applied": applied,
+        "tokens": tokens,
+        "targets": targets,
+        "stop_requests": stops,
+    }
+
+
+def _as_device_scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """A gradient norm (a tensor, a DTensor, a float, or None for NaN) as a float64
+    scalar on `device`, without reading it on the host."""
+    if value is None:
+        value = float("nan")
+    if isinstance(value, torch.Tensor):
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return full.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _device_skipping(optimizer: Any) -> Any:
+    """The torch optimizer under Accelerate's wrapper when it skips its own update given a
+    `found_inf` tensor (fused Adam / AdamW / SGD), else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    fused = getattr(inner, "defaults", {}).get("fused")
+    return inner if fused and getattr(inner, "_step_supports_amp_scaling", False) else None
 
 
 def step_lr(optimizer: Any, base_lr: float) -> float:
@@ -113,13 +147,14 @@ def step_lr(optimizer: Any, base_lr: float) -> float:
     return base_lr * group["lr"] / initial if initial else 0.0
 
 
-def _grads_nonfinite(model: Any) -> bool:
-    """Whether this process's gradients hold a NaN/inf (one host sync, not one per tensor)."""
+def _grads_nonfinite(model: Any) -> torch.Tensor:
+    """1.0 when this process's gradients hold a NaN/inf, else 0.0 (a float64 tensor on the
+    gradients' device: no host sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return False
+        return torch.zeros((), dtype=torch.float64)
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 shards
-    return not bool(torch.stack([g.isfinite().all() for g in local]).all())
+    return (~torch.stack([g.isfinite().all() for g in local]).all()).double()
 
 
 def _distill_args(run: Run) -> tuple[float, float]:

@@ -36,10 +36,9 @@ from bigft.tracking import (
 
 
 def _next_micro_batches(run: Run, batches: Iterator[Batch]) -> list[Batch]:
-    device = run.accelerator.device
-    return [
-        {k: v.to(device) for k, v in next(batches).items()} for _ in range(run.layout.grad_accum)
-    ]
+    """The step's micro-batches as the loader made them, on the host (`train_step`
+    counts their tokens there and moves them to the device)."""
+    return [next(batches) for _ in range(run.layout.grad_accum)]
 
 
 def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:

@@ -281,14 +281,24 @@ def _head_kwargs(label_names: list[str] | None, pad_token_id: int | None) -> dic
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-
-    def numel(p: torch.nn.Parameter) -> int:
-        quant_state = getattr(p, "quant_state", None)  # 4-bit: 2+ values per stored element
-        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-            return int(quant_state.shape.numel())
-        return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 params are partitioned
-
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(numel(p) for p in model.parameters())
+    """(trainable, total) parameter counts of the whole model, however an engine holds it:
+    ZeRO-3 partitions and FSDP2 shards count whole, 4-bit weights by the values they pack
+    (2 or more per stored element). FSDP2 replaces a 4-bit weight by a DTensor shard that
+    drops its quant_state; bitsandbytes keeps a copy on the layer, which is read then."""
+    counted: set[int] = set()
+    trainable = total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in counted:  # tied weights count once
+                continue
+            counted.add(id(param))
+            quant_state = getattr(param, "quant_state", None)
+            if quant_state is None and name == "weight":
+                quant_state = getattr(module, "quant_state", None)
+            if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+                numel = int(quant_state.shape.numel())
+            else:
+                numel = int(getattr(param, "ds_numel", param.numel()))
+            total += numel
+            trainable += numel if param.requires_grad else 0
     return trainable, total

@@ -18,6 +18,7 @@ from torch import nn
 from bigft.config import Config, LoraConfig, MethodConfig
 from bigft.errors import BigftError, require
 from bigft.model.load import compute_dtype, count_parameters, load_dtype
+from bigft.model.offload import ActivationOffload, offload_checkpointed_inputs
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +129,16 @@ def apply_checkpointing(model: Any, cfg: MethodConfig) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise BigftError(f"{type(base).__name__} does not support gradient checkpointing")
     every = cfg.checkpoint_every_k if cfg.gradient_checkpointing == "every_k" else 1
-    # Without an accelerator activations already live in host memory (and torch's
-    # save_on_cpu would ask for pinned memory, which needs one).
-    offload = cfg.offload_activations and torch.cuda.is_available()
-    if cfg.offload_activations and not offload:
-        log.info("offload_activations: no GPU, activations are in host memory already")
     base.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        every_n_layers=every or 1,
-        offload=offload,
+        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every or 1
     )
     base.enable_input_require_grads()
+    # Without an accelerator activations already live in host memory.
+    if cfg.offload_activations and torch.cuda.is_available():
+        layers = offload_checkpointed_inputs(base, ActivationOffload())
+        log.info("offload_activations: %d checkpointed layers keep inputs in host memory", layers)
+    elif cfg.offload_activations:
+        log.info("offload_activations: no GPU, activations are in host memory already")
 
 
 def apply_precision_layout(model: Any, cfg: Config) -> None:
@@ -187,6 +187,11 @@ def apply_method(model: Any, cfg: Config) -> Any:
         task_type = "CAUSAL_LM" if cfg.task == "causal_lm" else "SEQ_CLS"
         model = apply_adapters(model, method, task_type)
     apply_precision_layout(model, cfg)
+    if method.tiled_mlp:
+        from bigft.model.tiled_mlp import apply_tiled_mlp
+
+        tiled = apply_tiled_mlp(model, method.tiled_mlp_shards)
+        log.info("tiled_mlp: %d decoder MLPs run in tiles", tiled)
     apply_checkpointing(model, method)
     trainable, total = count_parameters(model)  # ZeRO-3 aware
     if trainable == 0:

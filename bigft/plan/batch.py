@@ -128,8 +128,9 @@ class LayoutOption:
 
 
 def host_shortfall(work: Workload, cpu_mem_gib: float) -> str:
-    """Why CPU offload cannot hold the workload's states in host memory ('' if it can)."""
-    if work.strategy != "zero3-offload":
+    """Why host memory cannot hold what the workload offloads ('' if it can): ZeRO's
+    states and offloaded activations."""
+    if work.strategy != "zero3-offload" and not work.offload_activations:
         return ""
     per_node = analytic(work).cpu_bytes * work.gpus_per_node
     if per_node <= cpu_mem_gib * GIB:

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 
 from bigft.plan.workload import Workload
 
+# Checkpointed layer inputs an offloading step keeps on the GPU: the one being copied out
+# (or prefetched back for backward) and the one in use.
+OFFLOAD_IN_FLIGHT = 2
+
 
 @dataclass
 class StepActivations:
@@ -39,6 +43,7 @@ class StepActivations:
     head_bw: float  # lm_head backward: logits gradient and the weight gradient's temporary
     head_saved: float  # lm_head's saved input and weight copy, freed after its matmul
     head_wgrad_temp: float  # bf16 weight gradient before its cast to the fp32 .grad
+    host: float = 0.0  # checkpointed layer inputs offloaded to pinned host memory
 
 
 def _norm(r: int, h: int, trainable_weight: bool) -> float:
@@ -111,6 +116,13 @@ def _attention(work: Workload, qkv_bytes: int) -> float:
     return att * (2 * q + k + v) + 4 * heads + att * s  # sdpa converts the mask per call
 
 
+def _normed_bytes(work: Workload, frozen: bool) -> int:
+    """dtype bytes of a norm's output: the promotion of its weight's and the residual's."""
+    full = not work.adapters and not frozen
+    norm_w = work.trainable_weight_bytes if full else work.frozen_weight_bytes
+    return int(max(norm_w, work.residual_bytes))
+
+
 def layer_bytes_per_token(work: Workload, frozen: bool = False) -> float:
     """Saved activations of one layer without checkpointing, per token (weights apart).
 
@@ -118,10 +130,9 @@ def layer_bytes_per_token(work: Workload, frozen: bool = False) -> float:
     inside the graph of the workload. A norm's output has the promoted dtype of its weight
     and the residual stream (an fp32 weight makes it fp32)."""
     a, r = work.arch, work.residual_bytes
-    h, i = a.hidden, a.intermediate
+    h = a.hidden
     full = not work.adapters and not frozen
-    norm_w = work.trainable_weight_bytes if full else work.frozen_weight_bytes
-    x = int(max(norm_w, r))  # the normalized input of q/k/v and gate/up
+    x = _normed_bytes(work, frozen)  # the normalized input of q/k/v and gate/up
     qkv_out = _out_bytes(work, x)
     att_out = 2 if work.autocast else max(qkv_out, r)
     mlp_out = _out_bytes(work, x)  # gate / up outputs, and the down projection's input
@@ -131,12 +142,33 @@ def layer_bytes_per_token(work: Workload, frozen: bool = False) -> float:
     total += _attention(work, qkv_out)
     o_shared = work.attn != "eager"
     total += _linear_inputs(work, a.q_dim, ("o_proj",), att_out, o_shared, frozen)
-    total += _linear_inputs(work, h, ("gate_proj", "up_proj"), x, shared=False, frozen=frozen)
-    total += _linear_inputs(work, i, ("down_proj",), mlp_out, shared=False, frozen=frozen)
-    total += 3 * mlp_out * i  # gate output (the activation's input), its output, up output
     if work.method == "dora" and not frozen:
         # DoRA keeps the base and LoRA results of each adapted linear for the magnitude.
-        total += sum(2 * mlp_out * a.linear_shapes()[t][1] for t in work.lora_targets)
+        attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+        shapes = a.linear_shapes()
+        total += sum(2 * mlp_out * shapes[t][1] for t in work.lora_targets if t in attn)
+    if work.mlp_tiles > 1:
+        # The tiles run under checkpointing: the layer keeps only the MLP's input (the
+        # tiles are views of it); a tile's intermediates live only while it runs.
+        return total + x * h
+    return total + mlp_bytes_per_token(work, frozen)
+
+
+def mlp_bytes_per_token(work: Workload, frozen: bool = False) -> float:
+    """What the untiled MLP saves per token: its linears' inputs, the gate output (the
+    activation's input), the activation's output and the up output (DoRA: also each
+    adapted linear's base and LoRA results)."""
+    a = work.arch
+    h, i = a.hidden, a.intermediate
+    x = _normed_bytes(work, frozen)
+    mlp_out = _out_bytes(work, x)
+    total = _linear_inputs(work, h, ("gate_proj", "up_proj"), x, shared=False, frozen=frozen)
+    total += _linear_inputs(work, i, ("down_proj",), mlp_out, shared=False, frozen=frozen)
+    total += 3 * mlp_out * i
+    if work.method == "dora" and not frozen:
+        mlp = ("gate_proj", "up_proj", "down_proj")
+        shapes = a.linear_shapes()
+        total += sum(2 * mlp_out * shapes[t][1] for t in work.lora_targets if t in mlp)
     return total
 
 
@@ -163,11 +195,17 @@ def step_activations(work: Workload) -> StepActivations:
 
     def saved(i: int) -> float:
         if work.grad_ckpt and i % work.ckpt_every == 0:
-            return ckpt_layer
+            return 0.0 if work.offload_activations else ckpt_layer
         return full_layer if i >= first_trainable else frozen_layer
 
-    all_layers = sum(saved(i) for i in range(a.layers - n_active, a.layers))
-    below_bottom = sum(saved(i) for i in range(a.layers - n_active, first_trainable))
+    def on_gpu(first: int, end: int) -> float:
+        """Bytes layers first..end-1 keep on the GPU; offloaded inputs still in flight."""
+        ckpts = sum(1 for i in range(first, end) if work.grad_ckpt and i % work.ckpt_every == 0)
+        flight = min(OFFLOAD_IN_FLIGHT, ckpts) if work.offload_activations else 0
+        return sum(saved(i) for i in range(first, end)) + flight * ckpt_layer
+
+    all_layers = on_gpu(a.layers - n_active, a.layers)
+    below_bottom = on_gpu(a.layers - n_active, first_trainable)
     top_is_ckpt = work.grad_ckpt and (a.layers - 1) % work.ckpt_every == 0
     dora_temp = _dora_transient(work)
     bw = _bw_transient(work, n)
@@ -198,7 +236,7 @@ def step_activations(work: Workload) -> StepActivations:
     base = shared + _norm(r, h, head_trainable) * n + head_saved
     cache = work.n_ckpt_layers * weight_copy if work.method in ("full", "freeze") else 0.0
     wgrad_temp = c * v * h if fp32_head and head_trainable else 0.0
-    fwd_loss, loss_peak, head_bw = _loss_terms(work, wgrad_temp, head_trainable)
+    fwd_loss, loss_peak, head_bw, wgrad_temp = _loss_terms(work, wgrad_temp, head_trainable, head_w)
     # DoRA's weight rebuild peaks earlier, inside the last layer.
     fwd_extra = cache + max(fwd_loss, dora_temp)
     return StepActivations(
@@ -219,25 +257,27 @@ def step_activations(work: Workload) -> StepActivations:
         head_bw=head_bw,
         head_saved=head_saved,
         head_wgrad_temp=wgrad_temp,
+        host=work.n_ckpt_layers * ckpt_layer if work.offload_activations else 0.0,
     )
 
 
 def _loss_terms(
-    work: Workload, wgrad_temp: float, head_trainable: bool
-) -> tuple[float, float, float]:
+    work: Workload, wgrad_temp: float, head_trainable: bool, head_w: float
+) -> tuple[float, float, float, float]:
     """Bytes the loss adds at the end of forward, in the loss's backward and in lm_head's
-    backward (`fwd_extra`, `loss_peak`, `head_bw` before the checkpointing cache).
+    backward (`fwd_extra`, `loss_peak`, `head_bw` before the checkpointing cache), and
+    the weight gradient's temporary once lm_head's .grad exists (`head_wgrad_temp`).
 
     Full path: the micro-batch's logits and, under autocast, accelerate's fp32 copy of
     them; then the fp32 log-softmax, its gradient and the input gradient over the shifted
     tokens; then the logits' gradient and the weight gradient's temporary.
 
-    Chunked (bigft.chunked_loss, `loss_rows` positions at a time): a chunk's logits, their
-    fp32 copy and log-softmax live only inside its forward; its backward recomputes them,
-    so the loss peak is the full path's 12 bytes per vocabulary entry for one chunk, plus
-    the hidden states' fp32 gradient, assembled chunk by chunk. A head that trains also
-    holds the weight gradient of the chunks already done (compute dtype); without autocast
-    autograd sums each new one out of place (old, new and sum at once).
+    Chunked (bigft.chunked_loss, `loss_rows` positions at a time): everything happens in
+    the head's forward. One chunk at a time holds its logits, their fp32 copy, the fp32
+    log-softmax and its gradient; the hidden states' gradient (N x H) and, for a head
+    that trains, its weight gradient (V x H, the weight's dtype; under autocast with a
+    bf16 product of each chunk beside it) are kept from the first chunk to backward, which
+    only scales them.
     """
     a = work.arch
     v, h, c = a.vocab, a.hidden, work.compute_bytes
@@ -246,13 +286,13 @@ def _loss_terms(
     if work.loss_path == "full":
         logits = logit_b * v * n
         fwd = logits + (4 * v * n if work.autocast else 0)
-        return fwd, 12.0 * v * work.micro_batch * (work.seq_len - 1), logits + wgrad_temp
+        loss = 12.0 * v * work.micro_batch * (work.seq_len - 1)
+        return fwd, loss, logits + wgrad_temp, wgrad_temp
     rows = work.loss_rows
-    fwd = (logit_b + 4 + (4 if logit_b != 4 else 0)) * v * rows
-    done = c * v * h if head_trainable and rows < n else 0.0
-    loss = 12.0 * v * rows + 4.0 * h * n + done
-    head = max(logit_b * v * rows + wgrad_temp + done, (2 if work.autocast else 3) * done)
-    return fwd, loss, head
+    chunk = (logit_b + (4 if logit_b != 4 else 0) + 8) * v * rows
+    kept = work.residual_bytes * h * n + (head_w * v * h if head_trainable else 0.0)
+    product = 2.0 * v * h if head_trainable and work.autocast and head_w != 2 else 0.0
+    return chunk + product + kept, kept, kept, 0.0
 
 
 def _bw_transient(work: Workload, n: int) -> float:
@@ -261,8 +301,14 @@ def _bw_transient(work: Workload, n: int) -> float:
     a, r = work.arch, work.residual_bytes
     mlp = _out_bytes(work, r)
     if work.adapters:
-        return (4 * a.hidden + 3 * mlp * a.intermediate + 4 * a.q_dim) * n
-    return (r * a.hidden + mlp * a.intermediate) * n
+        rest, intermediate = 4 * a.hidden + 4 * a.q_dim, 3 * mlp * a.intermediate
+    else:
+        rest, intermediate = r * a.hidden, mlp * a.intermediate
+    if work.mlp_tiles == 1:
+        return (rest + intermediate) * n
+    # Tiled: one tile's intermediates, recomputed, and their gradients at a time.
+    tile = work.mlp_tile_fraction * n
+    return rest * n + (intermediate + mlp_bytes_per_token(work)) * tile
 
 
 def _dora_transient(work: Workload) -> float:

@@ -11,6 +11,12 @@ Activations are counted tensor by tensor for one decoder layer, with the same dt
 the simulator runs (see `layers.py`), and the step is cut into the same phases as the
 simulator: forward+loss, the top layer's backward, the bottom layer's backward, and the
 optimizer step. The step's peak is the largest phase.
+
+Activation offload (method.offload_activations) moves the checkpointed layers' inputs to
+pinned host memory, all but `layers.OFFLOAD_IN_FLIGHT` of them; they are counted in
+`cpu_bytes` beside ZeRO's offloaded states. A tiled MLP (method.tiled_mlp) keeps one
+tile's intermediates at a time. torch.compile (train.compile) is assumed to change
+nothing: no measurement says otherwise yet.
 """
 
 from __future__ import annotations
@@ -129,7 +135,8 @@ class Breakdown:
     buffers: float
     phase: str
     phases: dict[str, float] = field(default_factory=dict)
-    cpu_bytes: float = 0.0
+    cpu_bytes: float = 0.0  # host memory per GPU: ZeRO offload states + offloaded activations
+    offloaded_activations: float = 0.0  # the activations' share of cpu_bytes (pinned)
 
     @property
     def tensor_peak(self) -> float:
@@ -210,9 +217,11 @@ def analytic(work: Workload) -> Breakdown:
     phases = phase_breakdowns(work)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
+    host = layers.step_activations(work).host
     return Breakdown(
         **{c: phases[peak][c] for c in COMPONENTS},
         phase=peak,
         phases=totals,
-        cpu_bytes=model_states(work).cpu_bytes,
+        cpu_bytes=model_states(work).cpu_bytes + host,
+        offloaded_activations=host,
     )

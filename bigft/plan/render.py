@@ -9,6 +9,7 @@ from rich.table import Table
 
 from bigft.plan.hardware import GIB
 from bigft.plan.planner import PlanReport
+from bigft.plan.search import SEQ_STEP, SeqLenAnswer
 
 ROWS = (
     ("params", "parameters"),
@@ -82,8 +83,12 @@ def plan_json(report: PlanReport) -> dict[str, Any]:
         "notes": report.notes,
         "message": report.message,
     }
+    out["offload_activations"] = w.offload_activations
+    out["tiled_mlp_tiles"] = w.mlp_tiles
+    out["compile"] = w.compile
     if b.cpu_bytes:
-        out["cpu_bytes_per_gpu"] = int(b.cpu_bytes)
+        out["cpu_bytes_per_gpu"] = int(b.cpu_bytes)  # host memory: offloaded states + activations
+        out["offloaded_activation_bytes"] = int(b.offloaded_activations)
     if report.simulated is not None:
         sim = report.simulated
         out["simulated"] = {
@@ -105,7 +110,9 @@ def print_plan(report: PlanReport, console: Console) -> None:
         f"[bold]bigft plan[/]: {w.arch.name} ({w.arch.n_params / 1e9:.2f}B params, "
         f"{w.trainable_params / 1e9:.3g}B trainable) | {w.method} | {w.strategy} on "
         f"{w.nodes} x {w.gpus_per_node} x {gpu.name} | seq {w.seq_len} | "
-        f"grad ckpt {'on' if w.grad_ckpt else 'off'} | {w.optimizer}",
+        f"grad ckpt {_ckpt(w)} | {w.optimizer}"
+        + (f" | MLP in {w.mlp_tiles} tiles" if w.mlp_tiles > 1 else "")
+        + (" | compiled" if w.compile else ""),
         highlight=False,
     )
     sim = report.simulated
@@ -133,7 +140,13 @@ def print_plan(report: PlanReport, console: Console) -> None:
         highlight=False,
     )
     if b.cpu_bytes:
-        console.print(f"CPU memory per GPU (offload): {_gib(b.cpu_bytes)} GiB", highlight=False)
+        parts = [f"activations {_gib(b.offloaded_activations)}"] if b.offloaded_activations else []
+        if b.cpu_bytes > b.offloaded_activations:
+            parts.append(f"ZeRO states {_gib(b.cpu_bytes - b.offloaded_activations)}")
+        console.print(
+            f"host (CPU) memory per GPU, offloaded: {_gib(b.cpu_bytes)} GiB ({', '.join(parts)})",
+            highlight=False,
+        )
     given = "given" if report.micro_batch_given else "chosen"
     console.print(
         f"micro-batch {report.micro_batch} ({given}; largest that fits: "
@@ -152,6 +165,47 @@ def print_plan(report: PlanReport, console: Console) -> None:
     _print_layouts(report, console)
     for note in report.notes:
         console.print(f"[yellow]note[/]: {note}", highlight=False)
+
+
+def _ckpt(w: Any) -> str:
+    if not w.grad_ckpt:
+        return "off"
+    return "on, inputs offloaded to host" if w.offload_activations else "on"
+
+
+def seq_len_json(answer: SeqLenAnswer) -> dict[str, Any]:
+    """The `max_seq_len` object of `--max-seq-len --json`."""
+    return {
+        "seq_len": answer.seq_len,
+        "analytic": answer.analytic,
+        "simulated": answer.simulated,
+        "simulations": answer.simulations,
+        "step": SEQ_STEP,
+        "limit": answer.limit,
+    }
+
+
+def print_seq_len(answer: SeqLenAnswer, report: PlanReport, console: Console) -> None:
+    """The answer of `--max-seq-len` and what dominates memory at that length."""
+    b, w = report.breakdown, report.work
+    how = "analytic model"
+    if answer.simulated is not None:
+        how = (
+            f"analytic {answer.analytic:,}, simulated {answer.simulated:,} "
+            f"({answer.simulations} simulated steps)"
+        )
+    limit = " (the model's position limit)" if answer.seq_len + SEQ_STEP > answer.limit else ""
+    console.print(
+        f"[bold]longest sequence at micro-batch {w.micro_batch}[/]: {answer.seq_len:,} tokens"
+        f"{limit} in steps of {SEQ_STEP} ({how})",
+        highlight=False,
+    )
+    parts = sorted(((getattr(b, k), label) for k, label in ROWS), reverse=True)
+    top = ", ".join(f"{label} {_gib(n)}" for n, label in parts[:3] if n > 0)
+    console.print(
+        f"there, memory peaks in the {PHASES.get(b.phase, b.phase)}, dominated by {top} GiB",
+        highlight=False,
+    )
 
 
 def _print_layouts(report: PlanReport, console: Console) -> None:

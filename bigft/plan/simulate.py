@@ -28,6 +28,8 @@ from bigft.plan.workload import Workload
 
 Snap = dict[str, float]
 KEYS = ("params", "grads", "optimizer", "activations", "buffers")
+# The analytic phase (memory.phase_breakdowns) each simulated phase corresponds to.
+TWIN = {"head": "loss", "top": "top", "mid": "top", "post": "post", "opt": "opt"}
 
 
 @dataclass
@@ -112,10 +114,13 @@ def _build(work: Workload, spec: Any, dtype: Any, n_frozen: int, fake: bool) -> 
     from bigft.plan.arch import build_model
 
     attn = "sdpa" if work.attn == "flash_attention_2" else work.attn
-    if not fake:
-        return _apply_method(build_model(spec, dtype, attn), work, n_frozen)
-    with torch.device("meta"):
-        return _apply_method(build_model(spec, dtype, attn), work, n_frozen)
+    with torch.device("meta") if fake else contextlib.nullcontext():
+        model = _apply_method(build_model(spec, dtype, attn), work, n_frozen)
+    if work.tiled_mlp:
+        from bigft.model.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(model, work.tiled_mlp_shards)
+    return model
 
 
 def _optimizer(model: Any, work: Workload) -> Any:
@@ -313,11 +318,28 @@ def _apply_layout(work: Workload, phases: dict[str, Snap]) -> dict[str, Snap]:
             out[name] = {**snap, "buffers": ms.buffers, "optimizer": snap["optimizer"] + states}
         return out
     analytic = phase_breakdowns(work)
-    twin = {"head": "loss", "top": "top", "mid": "top", "post": "post", "opt": "opt"}
     for name, snap in phases.items():
-        model = analytic[twin[name]]
+        model = analytic[TWIN[name]]
         out[name] = {k: model[k] for k in ("params", "grads", "optimizer", "buffers")}
         out[name]["activations"] = snap["activations"]
+    return out
+
+
+def _apply_offload(work: Workload, phases: dict[str, Snap]) -> dict[str, Snap]:
+    """Activation offload, subtracted analytically: the step ran without the offload hooks
+    (they copy to pinned host memory, which fake tensors on the CPU cannot show), so each
+    phase loses what the analytic model says the hooks move out of its twin phase."""
+    if not work.offload_activations:
+        return phases
+    from bigft.plan.memory import phase_breakdowns
+
+    kept = phase_breakdowns(work)
+    moved = phase_breakdowns(work.with_(offload_activations=False))
+    out = {}
+    for name, snap in phases.items():
+        twin = TWIN[name]
+        gone = moved[twin]["activations"] - kept[twin]["activations"]
+        out[name] = {**snap, "activations": max(snap["activations"] - gone, 0.0)}
     return out
 
 
@@ -347,7 +369,7 @@ def simulate(work: Workload, full_depth: bool = False) -> SimResult:
         runs = {(f, t): simulate_depth(work, t, f) for f, t in wanted}
         phases = _extrapolate(runs, total_f, total_t, f0, t0, unit)
         depths = sorted({f + t for f, t in wanted})
-    phases = _apply_layout(work, phases)
+    phases = _apply_offload(work, _apply_layout(work, phases))
     peak = max(phases.values(), key=lambda s: sum(s.values()))
     notes = []
     if work.lora_dropout > 0 and work.device != "cpu":
@@ -357,6 +379,8 @@ def simulate(work: Workload, full_depth: bool = False) -> SimResult:
         )
     if work.optimizer.endswith("8bit"):
         notes.append("8-bit optimizer states are analytic (bitsandbytes kernels need CUDA)")
+    if work.offload_activations:
+        notes.append("activation offload is analytic: the host copies are subtracted")
     if work.loss_path == "liger":
         notes.append("liger's kernel needs CUDA: its loss ran as bigft's chunked loss")
     if work.strategy != "ddp" or work.world_size > 1:

@@ -66,6 +66,10 @@ class Workload:
     device: str = "cuda"  # "cpu" for CPU runs (the validation measures there)
     loss_impl: str = "auto"  # train.loss_impl; resolved by `loss_path`
     loss_chunk: int = 256  # train.loss_chunk: token positions per chunk of the chunked loss
+    offload_activations: bool = False  # method.offload_activations: ckpt inputs to host memory
+    tiled_mlp: bool = False  # method.tiled_mlp: each MLP runs over the sequence in tiles
+    tiled_mlp_shards: int | None = None  # method.tiled_mlp_shards; None: ceil(tokens / hidden)
+    compile: bool = False  # train.compile: no memory change assumed (none measured)
 
     def __post_init__(self) -> None:
         if self.optimizer in OPTIMIZER_ALIASES:
@@ -91,6 +95,13 @@ class Workload:
                 f"loss_impl {self.loss_impl} cannot apply: {self.arch.name} sets "
                 f"{self.logit_transform} (use auto or full)"
             )
+        if self.offload_activations and not self.grad_ckpt:
+            raise ConfigError(
+                "offload_activations moves checkpointed layer inputs: it needs gradient "
+                "checkpointing (--grad-ckpt)"
+            )
+        if self.tiled_mlp_shards is not None and (self.tiled_mlp_shards < 1 or not self.tiled_mlp):
+            raise ConfigError("tiled_mlp_shards needs tiled_mlp and a value >= 1")
         if self.ckpt_every < 1:
             raise ConfigError(f"checkpoint every k layers needs k >= 1 (got {self.ckpt_every})")
         if self.gpus_per_node < 1 or self.nodes < 1:
@@ -146,6 +157,20 @@ class Workload:
             return min(self.loss_chunk, n)
         per_chunk = -(-n // -(-self.arch.vocab // self.arch.hidden))
         return min(1 << (per_chunk - 1).bit_length(), n)
+
+    @property
+    def mlp_tiles(self) -> int:
+        """Tiles each MLP call runs in (bigft.model.tiled_mlp.TiledForward.tiles): 1
+        without tiled_mlp; at most one per position."""
+        if not self.tiled_mlp:
+            return 1
+        wanted = self.tiled_mlp_shards or -(-self.micro_batch * self.seq_len // self.arch.hidden)
+        return max(1, min(wanted, self.seq_len))
+
+    @property
+    def mlp_tile_fraction(self) -> float:
+        """The share of the micro-batch's tokens in one MLP tile (the largest tile)."""
+        return -(-self.seq_len // self.mlp_tiles) / self.seq_len
 
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)

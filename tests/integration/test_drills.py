@@ -120,6 +120,45 @@ def test_nonfinite_step_is_skipped_and_training_goes_on(
     assert sum(later[-3:]) / 3 < 0.9 * first, (first, later)
 
 
+def test_fused_adamw_skips_a_nonfinite_step_on_the_device(
+    tiny_base: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA, optim adamw is torch's fused AdamW and the skip decision reaches it as a
+    `found_inf` tensor, as a GradScaler hands it, instead of the host holding back the
+    step. The fused kernel runs on the CPU too: the same run, with the same outcome."""
+    import bigft.optim
+
+    monkeypatch.setattr(bigft.optim, "fused_adamw", lambda: True)
+    seen: list[float | None] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        found_inf = getattr(self, "found_inf", None)
+        seen.append(None if found_inf is None else float(found_inf))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setenv(NONFINITE_STEPS, "2")
+    cfg = config(
+        tmp_path,
+        tiny_base,
+        data_file,
+        "train.steps=4",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=10",
+    )
+    summary = train(setup(cfg))
+    out = Path(cfg.output_dir)
+    assert summary["engine"]["optimizer"]["fused"] is True
+    assert summary["skipped_steps"] == 1
+    assert seen == [0.0, 1.0, 0.0, 0.0]  # every step went to the optimizer, one flagged
+    assert same_tensors(weights(step_dir(out, 2)), weights(step_dir(out, 1)))
+    assert same_tensors(adam_moments(step_dir(out, 2)), adam_moments(step_dir(out, 1)))
+    steps = torch.load(step_dir(out, 2) / "optimizer.bin", weights_only=True)["state"]
+    assert {float(s["step"]) for s in steps.values()} == {1.0}  # the kernel undid its count
+    assert not same_tensors(weights(step_dir(out, 3)), weights(step_dir(out, 2)))
+
+
 def test_too_many_skips_stop_the_run(
     tiny_base: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

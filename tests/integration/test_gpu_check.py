@@ -68,6 +68,26 @@ def test_tiny_gpu_check_runs_every_check_on_cpu(tmp_path: Path) -> None:
     assert fsdp["group_reduce_dtypes"] == ["float32"]
     assert fsdp["sharded_grad_dtypes"] == ["float32"] and fsdp["sharded_grads_are_dtensors"]
 
+    # 5. the recipe under each memory / speed option trained, with the loss it asked for.
+    options = report["options"]
+    assert options["status"] == "ok", options
+    entries = options["entries"]
+    assert list(entries) == [
+        "full logits",
+        "chunked loss",
+        "chunked + offload",
+        "chunked + tiled MLP",
+        "chunked + compile",
+    ]
+    for name, entry in entries.items():
+        assert entry["status"] == "ok", (name, entry)
+        assert entry["tokens_per_s"] > 0 and entry["measured_allocated_bytes"] is None
+        assert entry["loss_impl"] == ("full" if name == "full logits" else "chunked"), name
+    full, chunked = (
+        entries[n]["predicted_tensor_peak_bytes"] for n in ("full logits", "chunked loss")
+    )
+    assert chunked <= full  # the character vocabulary's logits are small: close to equal
+
     # The summary table and the command that reproduces the run.
     assert "fsdp2 reduce dtype" in proc.stdout
     assert f"reproduce: python bench/gpu_check.py --tiny --out {out}" in proc.stdout

@@ -1,7 +1,7 @@
-"""QLoRA on 2 CPU processes (gloo): DDP always; ZeRO-2/3 and FSDP2 with BIGFT_TEST_ENGINES=1.
+"""QLoRA on 2 CPU processes (gloo): DDP always; ZeRO-2 with BIGFT_TEST_ENGINES=1 (~30 s).
 
-All four were seen to train on CPU (same eval loss after 3 steps); the engine runs take
-~30 s each, so the default suite runs DDP only to stay inside its time budget.
+ZeRO-3 and FSDP2, which shard the 4-bit weights themselves, are tested in the default
+suite with bf16 storage and checked on numbers in test_qlora_sharded.py.
 """
 
 from __future__ import annotations
@@ -29,18 +29,18 @@ state = {n: p.detach().clone() for n, p in acc.unwrap_model(run.model).named_par
          if p.requires_grad}
 out = f"{sys.argv[2]}/rank{acc.process_index}.pt"
 torch.save({"world": acc.num_processes, "state": state}, out)
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()  # no gloo thread left running at exit
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_qlora_two_processes(strategy: str, tiny_base: Path, tmp_path: Path) -> None:
     if strategy != "ddp" and os.environ.get("BIGFT_TEST_ENGINES") != "1":
-        pytest.skip("set BIGFT_TEST_ENGINES=1 to run QLoRA under ZeRO / FSDP2 (~30 s each)")
+        pytest.skip("set BIGFT_TEST_ENGINES=1 to run QLoRA under ZeRO-2 (~30 s)")
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
-    # ZeRO-3 and FSDP2 shard the packed 4-bit weights with the rest: same dtype needed
-    storage = "uint8" if strategy in ("ddp", "zero2") else "float32"
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(48))
     cfg = write_config(
         tmp_path / "cfg.yaml",
@@ -48,7 +48,7 @@ def test_qlora_two_processes(strategy: str, tiny_base: Path, tmp_path: Path) -> 
         data,
         method={
             "name": "qlora",
-            "quant": {"compute_dtype": "float32", "quant_storage": storage},
+            "quant": {"compute_dtype": "float32", "quant_storage": "uint8"},
             "gradient_checkpointing": "full",
         },
         train={"seq_len": 64, "micro_batch_size": 2, "steps": 3, "precision": "fp32", "seed": 0},
@@ -69,8 +69,6 @@ def test_qlora_two_processes(strategy: str, tiny_base: Path, tmp_path: Path) -> 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
-    if strategy in ("zero3", "fsdp2"):
-        return  # each rank holds a different shard of the weights
     a, b = ranks[0]["state"], ranks[1]["state"]
     assert a.keys() == b.keys() and any("lora_" in n for n in a)
     for name in a:

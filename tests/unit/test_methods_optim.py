@@ -46,6 +46,12 @@ def test_cross_section_checks() -> None:
         _config(optim={"lr_adapters": 1e-3})
     with pytest.raises(ValueError, match="quant_storage"):
         _config(method={"name": "qlora"}, parallel={"strategy": "fsdp2"})
+    with pytest.raises(ValueError, match="quant_storage to bfloat16"):
+        _config(
+            method={"name": "qlora", "quant": {"quant_storage": "float32"}},
+            parallel={"strategy": "zero3"},
+            train={"precision": "bf16"},
+        )
     ok = _config(
         method={"name": "qlora", "quant": {"quant_storage": "bfloat16"}},
         parallel={"strategy": "fsdp2"},

@@ -13,6 +13,7 @@ from bigft.plan.arch import arch_from_config
 from bigft.plan.memory import phase_breakdowns
 from bigft.plan.simulate import simulate_depth
 from bigft.plan.workload import Workload
+from tests.helpers import SMALL_LLAMA
 
 # The grids take minutes: slow-marked, and run only when asked for (bench/planner_accuracy.py
 # prints the same comparisons as tables).
@@ -20,15 +21,7 @@ GRID = pytest.mark.skipif(
     not os.environ.get("BIGFT_PLAN_GRID"), reason="set BIGFT_PLAN_GRID=1 to run the full grid"
 )
 TOLERANCE = 0.10  # the bound; the goal is 0.05 and the measured error is < 1 %
-SMALL = {  # ~19M parameters: a real Llama, randomly initialized from its config
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 32000,
-}
+SMALL = SMALL_LLAMA
 
 
 def _close(estimate: float, truth: float, tolerance: float = TOLERANCE) -> bool:
@@ -117,15 +110,17 @@ def test_estimates_match_a_real_step_on_cpu(method: str, precision: str, ckpt: b
 
 @pytest.mark.parametrize(
     ("method", "precision", "ckpt", "ratio"),
-    [("full", "fp32", False, 0.9), ("lora", "bf16", True, 0.5), ("freeze", "bf16", False, 0.7)],
+    [("full", "fp32", False, 0.9), ("lora", "bf16", True, 0.5), ("freeze", "bf16", False, 0.8)],
 )
 def test_estimates_match_a_real_chunked_loss_step(
     method: str, precision: str, ckpt: bool, ratio: float
 ) -> None:
     # 384 positions in chunks of 64: the loss holds one chunk's logits, and a head that
-    # trains (full, freeze) accumulates its weight gradient over six chunks (without
-    # autocast, out of place: three fp32 vocab x hidden tensors at once, which eats most
-    # of the saving at this size). `ratio`: the loss phase against the full path's.
+    # trains (full, freeze) holds its weight gradient (vocab x hidden, the weight's dtype)
+    # from the first chunk on; under autocast (freeze, bf16) with each chunk's bf16
+    # product beside it, as the full path's weight gradient has. At this size (vocab 32k,
+    # hidden 256, 384 positions) those take most of the saving. `ratio`: the loss phase
+    # against the full path's.
     measured, work = _measured_vs_estimates(method, precision, 384, 1, ckpt, loss_chunk=64)
     assert work.loss_path == "chunked"
     full_loss = phase_breakdowns(work.with_(loss_impl="full"))["loss"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -74,3 +75,23 @@ def test_plan_uses_the_named_hardware_unless_flags_say_otherwise(tmp_path: Path)
     )
     plan = json.loads(flagged.stdout)
     assert plan["gpu"]["name"] == "a100-80" and plan["gpus_per_node"] == 2
+
+
+def test_the_8b_4090_recipe_plans_the_chunked_loss() -> None:
+    path = ROOT / "configs" / "llama3.1-8b-qlora-4090.yaml"
+    result = CliRunner().invoke(app, ["plan", str(path), "--json", "--micro-batch", "1"])
+    plan = json.loads(result.stdout)
+    assert plan["seq_len"] == 4096 and plan["fits"] is True
+    from bigft.plan import workload_from_config
+    from bigft.plan.memory import phase_breakdowns
+
+    work = workload_from_config(load_config(path), micro_batch=1)
+    assert work.loss_path == "chunked"
+
+    # The logits / loss term at 4,096 tokens: 6.3 GB with the full logits.
+    def term(w: Any) -> float:
+        phases = phase_breakdowns(w)
+        return max(phases[p]["logits"] for p in ("forward", "loss", "lm_head"))
+
+    assert term(work) < 0.6e9
+    assert term(work.with_(loss_impl="full")) > 6e9
