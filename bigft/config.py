@@ -227,7 +227,19 @@ class DataConfig(Section):
         "causal_lm only: labelled rows are always padded.",
     )
     num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
-    cache: bool = Field(True, description="Reuse tokenized data cached by the datasets library.")
+    cache: bool = Field(
+        True,
+        description="Keep the prepared data (tokenized, masked, cleaned, split) and reuse it "
+        "when nothing it depends on changed, and reuse the datasets library's tokenization "
+        "cache; false prepares in memory every time and writes nothing.",
+    )
+    prepared_dir: PathStr | None = Field(
+        None,
+        description="Folder of prepared datasets, one sub-folder per fingerprint (`bigft "
+        "data prepare`); null: bigft-prepared/ in the datasets library's cache "
+        "(HF_DATASETS_CACHE). On a cluster, a shared filesystem lets one process of the "
+        "job prepare while the others wait.",
+    )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
     label_field: str = Field(
         "label", description="task classification/regression: column holding the label."

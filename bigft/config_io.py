@@ -199,6 +199,7 @@ def _resolve_paths(config: Config, base: Path) -> None:
         (config.slurm, "accelerate_config"),
         (config.slurm, "setup_script"),
         (config.slurm, "python"),
+        (config.data, "prepared_dir"),
     )
     for section, attr in others:
         if getattr(section, attr):

@@ -107,6 +107,7 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
         [
             f"model.name_or_path={base_dir}",
             f"output_dir={output_dir}",
+            f"data.prepared_dir={output_dir / 'prepared-data'}",  # all of it in one folder
             "train.resume=never",
             *overrides,
         ],

@@ -87,7 +87,7 @@ def _holder() -> dict[str, Any]:
     }
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether `pid` is a live process that could be a bigft run (not a reused pid)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -108,7 +108,7 @@ def _stale(record: dict[str, Any]) -> bool:
         return True  # this very process (a run set up again in the same interpreter)
     if record.get("slurm_job_id") and record.get("slurm_job_id") == me["slurm_job_id"]:
         return True  # this job was requeued: its earlier incarnation is gone
-    return record.get("host") == me["host"] and not _alive(int(record.get("pid", -1)))
+    return record.get("host") == me["host"] and not process_alive(int(record.get("pid", -1)))
 
 
 def acquire(out: Path) -> str | None:

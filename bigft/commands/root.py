@@ -160,6 +160,28 @@ def data_preview(
     preview(prepared, tokenizer, out, n=num)
 
 
+@data_app.command("prepare")
+@user_errors
+def data_prepare(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
+    """Tokenize, mask, clean and split the config's data once, into the prepared-data
+    store (data.prepared_dir) where `bigft train` finds it; processes started together
+    prepare once and share it."""
+    from bigft.config_io import load_config
+
+    cfg = load_config(config, checked_overrides(overrides))
+    if not cfg.data.cache:
+        raise BigftError("data.cache is false: nothing is kept to prepare (set data.cache=true)")
+    quiet_libraries()
+    from bigft.data.prepared import preparation_text, prepared_for_task
+    from bigft.data.preview import stats_table
+    from bigft.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared, _, preparation = prepared_for_task(cfg, tokenizer)
+    out.print(stats_table(prepared))
+    out.print(preparation_text(preparation), highlight=False, soft_wrap=True)
+
+
 @config_app.command("show")
 @user_errors
 def config_show(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:

@@ -96,6 +96,7 @@ class Run(EvalContext):
     output_dir: Path
     teacher: Any = None  # distillation teacher (frozen, eval mode)
     loss_info: dict[str, Any] = field(default_factory=dict)  # train.loss_impl in effect
+    data_source: str = ""  # where the prepared data came from (bigft.data.prepared)
     # Test hook (bigft.faults): the steps whose loss this process makes NaN.
     nonfinite_steps: frozenset[int] = frozenset()
     state: LoopState = field(default_factory=LoopState)

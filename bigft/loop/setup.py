@@ -23,7 +23,8 @@ from bigft.chunked_loss import prepare_loss
 from bigft.config import Config
 from bigft.config_io import dump_config, redacted_config
 from bigft.data import ShardedLoader, pack
-from bigft.data.labeled import make_collator, prepare_for_task
+from bigft.data.labeled import make_collator
+from bigft.data.prepared import preparation_text, prepared_for_task
 from bigft.engine.accelerator import adopt_launcher_strategy, build_accelerator, print_on_main
 from bigft.engine.checkpoint import clean_partial
 from bigft.engine.resume import ResumePoint, check_compatible, check_fits, find_resume
@@ -72,10 +73,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     set_seed(cfg.train.seed)
     _check_model_sources(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():
-        data, label_names = prepare_for_task(
-            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
-        )
+    data, label_names, preparation = prepared_for_task(cfg, tokenizer)
 
     if tracks_best(cfg) and data.validation is None:
         raise BigftError(
@@ -154,6 +152,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             output_dir=output_dir,
             teacher=teacher,
             loss_info=loss_info,
+            data_source=preparation_text(preparation),
             nonfinite_steps=faults.nonfinite_steps(accelerator.process_index),
         )
         _resume(run, resume)

@@ -58,6 +58,8 @@ def train(run: Run, stop_after: int | None = None) -> dict[str, Any]:
 def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
     cfg, acc = run.cfg, run.accelerator
     print_on_main(acc, run.console, startup_summary(run))
+    if run.data_source:
+        print_on_main(acc, run.console, run.data_source, soft_wrap=True, highlight=False)
     print_on_main(acc, run.console, describe_groups(run.optimizer))
     state = run.state
     if cfg.eval.at_start and state.step == 0:

@@ -1,0 +1,288 @@
+"""Prepared datasets: the tokenized, masked, cleaned and split rows of a config, written once
+and reused by every process and every later run that asks for the same thing.
+
+A preparation is a folder `<store>/<fingerprint>/` holding each split as an Arrow dataset
+(`Dataset.save_to_disk`, memory-mapped when loaded), the statistics and the class names.
+The fingerprint covers everything the rows depend on: the data settings, the files (path,
+size, modification time), the tokenizer (its vocabulary, merges, special tokens and chat
+template), train.seq_len, train.seed (the split) and the task, and bigft's version.
+
+One process prepares; the others wait on a file, not in a collective with a timeout. The
+first to create `<fingerprint>.lock` (O_EXCL) writes into a temporary folder of its own
+and renames it into place when complete, so a folder under its final name is always a
+whole preparation; a killed preparation leaves only its temporary folder and lock. The
+lock names its host and process and is touched while the work goes on: a waiter takes
+over a lock whose process is gone (same host) or that has not moved for `STALE_S`
+seconds (another host), and removes the temporary folder that process left, which bigft
+created. Nothing else in the store is ever deleted.
+
+Where: `data.prepared_dir`, or `bigft-prepared/` in the datasets library's cache
+(`HF_DATASETS_CACHE`, by default ~/.cache/huggingface/datasets); on a cluster, a shared
+filesystem lets one process of the whole job prepare. `data.cache: false` prepares in
+memory every time and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from bigft import __version__
+from bigft.config import Config, DataConfig
+from bigft.data.pipeline import SPLITS, DataStats, PreparedData, SplitStats
+from bigft.errors import DataError
+from bigft.rundir import process_alive
+
+log = logging.getLogger(__name__)
+
+STALE_S = 120.0  # a lock not touched for this long, by a process on another host, is dead
+HEARTBEAT_S = 10.0
+POLL_S = 0.5
+_STATS, _LABELS = "stats.json", "labels.json"
+Prepared = tuple[PreparedData, list[str] | None]
+
+
+@dataclass
+class Preparation:
+    """Where a config's prepared data lives and what happened to it in this process:
+    'prepared' (this process wrote it), 'reused' (it was there) or 'waited' (another
+    process wrote it meanwhile); 'in memory' when data.cache is false."""
+
+    path: Path | None
+    fingerprint: str
+    outcome: str
+    seconds: float
+
+
+def store_dir(cfg: DataConfig) -> Path:
+    """The folder holding every prepared dataset of this config's store."""
+    if cfg.prepared_dir is not None:
+        return Path(cfg.prepared_dir)
+    import datasets
+
+    cache = os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE
+    return Path(cache).expanduser() / "bigft-prepared"
+
+
+def fingerprint(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: str) -> str:
+    """A digest of everything the prepared rows depend on (see the module docstring)."""
+    settings = cfg.model_dump(mode="json", exclude={"prepared_dir", "num_proc", "cache", "shuffle"})
+    sources = [*cfg.train_files, *(p for p in (cfg.validation, cfg.test) if p is not None)]
+    inputs = {
+        "bigft": __version__,
+        "task": task,
+        "seq_len": seq_len,
+        "seed": seed,
+        "data": settings,
+        "files": {str(p): _file_state(str(p)) for p in sources},
+        "tokenizer": _tokenizer_digest(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_state(path: str) -> list[Any]:
+    """(size, modification time) of a file, or of every file under a directory; a hub
+    name is taken as it is."""
+    p = Path(path)
+    if path.startswith("hub:") or not p.exists():
+        return []
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return [
+        [str(f.relative_to(p)) if p.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns]
+        for f in files
+    ]
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    parts = [type(tokenizer).__name__, str(getattr(tokenizer, "chat_template", None))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(backend.to_str())
+    else:
+        parts.append(json.dumps(tokenizer.get_vocab(), sort_keys=True))
+    parts.append(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str))
+    parts.append(str(tokenizer.padding_side))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_or_prepare(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+    task: str,
+    prepare: Callable[[], Prepared],
+) -> tuple[PreparedData, list[str] | None, Preparation]:
+    """The prepared data of this config: loaded from the store when a whole preparation
+    with the same fingerprint is there, else prepared (by `prepare`) by the first process
+    to take the lock and waited for by the others."""
+    start = time.perf_counter()
+    digest = fingerprint(cfg, tokenizer, seq_len, seed, task)
+    if not cfg.cache:
+        data, labels = prepare()
+        return data, labels, Preparation(None, digest, "in memory", time.perf_counter() - start)
+    root = store_dir(cfg)
+    final = root / digest
+    waited = False
+    while True:
+        if final.is_dir():
+            data, labels = _load(final)
+            outcome = "waited" if waited else "reused"
+            return data, labels, Preparation(final, digest, outcome, time.perf_counter() - start)
+        with _lock(root, digest) as held:
+            if held:
+                if final.is_dir():  # finished between the check and the lock
+                    continue
+                data, labels = prepare()
+                _write(final, data, labels)
+                done = Preparation(final, digest, "prepared", time.perf_counter() - start)
+                return data, labels, done
+        waited = True
+        time.sleep(POLL_S)
+
+
+@contextlib.contextmanager
+def _lock(root: Path, digest: str) -> Iterator[bool]:
+    """Take `<digest>.lock` if nobody holds it (True), touching it while held; False when
+    a live process holds it. A dead holder's lock and temporary folder are removed."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"{root}: cannot create the prepared-data folder ({exc.strerror}); "
+            "set data.prepared_dir to a writable folder"
+        ) from None
+    path = root / f"{digest}.lock"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        _clear_if_dead(path, root)
+        yield False
+        return
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, handle)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
+    beat.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        beat.join()
+        path.unlink(missing_ok=True)
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def _clear_if_dead(path: Path, root: Path) -> None:
+    """Remove a lock whose process is gone, and the temporary folder it was writing."""
+    try:
+        holder = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return  # being written or removed right now: look again at the next poll
+    same_host = holder.get("host") == socket.gethostname()
+    dead = not process_alive(int(holder.get("pid", -1))) if same_host else age > STALE_S
+    if not dead:
+        return
+    tmp = root / _tmp_name(path.stem, holder.get("host"), holder.get("pid"))
+    log.warning(
+        "prepared data: %s was held by process %s on %s, which is gone; removing it%s",
+        path,
+        holder.get("pid"),
+        holder.get("host"),
+        f" and its unfinished {tmp.name}" if tmp.exists() else "",
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+    path.unlink(missing_ok=True)
+
+
+def _tmp_name(digest: str, host: Any, pid: Any) -> str:
+    return f".{digest}.tmp-{host}-{pid}"
+
+
+def _write(final: Path, data: PreparedData, labels: list[str] | None) -> None:
+    """Write the preparation into this process's temporary folder, then rename it into
+    place (the rename is atomic: readers see all of it or nothing)."""
+    tmp = final.parent / _tmp_name(final.name, socket.gethostname(), os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in SPLITS:
+        split = getattr(data, name)
+        if split is not None:
+            split.save_to_disk(str(tmp / name))
+    (tmp / _STATS).write_text(json.dumps(data.stats.to_dict(), indent=2))
+    (tmp / _LABELS).write_text(json.dumps(labels))
+    os.rename(tmp, final)
+
+
+def _load(path: Path) -> Prepared:
+    try:
+        splits = {
+            name: Dataset.load_from_disk(str(path / name)) if (path / name).is_dir() else None
+            for name in SPLITS
+        }
+        stats = json.loads((path / _STATS).read_text())
+        labels = json.loads((path / _LABELS).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"{path}: the prepared data cannot be read ({exc}); delete that folder to "
+            "prepare it again"
+        ) from None
+    if splits["train"] is None:
+        raise DataError(f"{path}: the prepared data has no train split; delete that folder")
+    split_stats = {k: SplitStats(**v) for k, v in stats.pop("splits").items()}
+    data = PreparedData(
+        splits["train"],
+        splits["validation"],
+        splits["test"],
+        DataStats(splits=split_stats, **stats),
+    )
+    return data, labels
+
+
+def prepared_for_task(
+    cfg: Config, tokenizer: Any
+) -> tuple[PreparedData, list[str] | None, Preparation]:
+    """The run's data (`bigft.data.labeled.prepare_for_task`) through the store: what
+    `bigft train` and `bigft data prepare` use."""
+    from bigft.data.labeled import prepare_for_task
+
+    seq_len, seed = cfg.train.seq_len, cfg.train.seed
+    return load_or_prepare(
+        cfg.data,
+        tokenizer,
+        seq_len,
+        seed,
+        cfg.task,
+        lambda: prepare_for_task(cfg.data, tokenizer, seq_len, seed, cfg.task),
+    )
+
+
+def preparation_text(p: Preparation) -> str:
+    """One line on where the data came from, for the start-up output."""
+    if p.path is None:
+        return f"data: prepared in memory in {p.seconds:.1f} s (data.cache is false)"
+    verb = {
+        "prepared": "prepared into",
+        "reused": "reused from",
+        "waited": "prepared by another process into",
+    }
+    return f"data: {verb[p.outcome]} {p.path} ({p.seconds:.1f} s)"
