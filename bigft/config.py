@@ -524,7 +524,8 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     nonfinite: Literal["skip", "stop"] = Field(
         "skip",
-        description="A step whose loss or gradient norm is NaN/inf on any process: 'skip' "
+        description="A step whose gradient norm (with clipping; without it, the loss or any "
+        "gradient) is NaN/inf on any process: 'skip' "
         "leaves weights and optimizer state as they were (the data and the lr schedule move "
         "on); 'stop' checkpoints that unchanged state and exits with an error (code 3).",
     )

@@ -15,8 +15,9 @@ from bigft.loop.run import Run
 from bigft.losses import Batch, count_targets, loss_sum, target_mask
 
 
-def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches, handed over on the host.
+def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches, handed over on the host. `log`:
+    the step's loss is logged (otherwise its "loss" is NaN unless the step was non-finite).
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole
     step on all processes, so 4 micro-batches of 1 give the same update as 1 of 4
@@ -52,23 +53,29 @@ def train_step(run: Run, micro_batches: list[Batch]) -> dict[str, float]:
             acc.backward(summed * scale)
             loss_total += summed.detach().double()
             if acc.sync_gradients:  # the step's last micro-batch: update, or skip it
-                update = _apply_update(run, loss_total, counts)
+                update = _apply_update(run, loss_total, counts, log)
     # A skipped step still advances the schedule: lr stays a function of the step number,
     # the same whether or not a run was interrupted and resumed.
     run.scheduler.step()
     return {**update, "lr": lr}
 
 
-def _apply_update(run: Run, loss_total: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+def _apply_update(
+    run: Run, loss_total: torch.Tensor, counts: torch.Tensor, log: bool
+) -> dict[str, float]:
     """Clip, agree on finiteness, then step the optimizer or skip the update.
 
-    The step's loss reduce doubles as the vote: a sum is NaN/inf when any process's
-    addend is, so every process reaches the same decision without another collective.
-    The clipped gradient norm is global already (DDP's all-reduced gradients, FSDP2's
-    reduced norm). fp16 loss scalers overflow on purpose while they calibrate and skip
-    those updates themselves, so under fp16 only the loss is checked. DeepSpeed updates
-    inside backward and skips steps with non-finite gradients itself (its overflow check;
-    seen with ZeRO-2/3 in fp32, with and without clipping); `applied` reports what it did.
+    With a gradient norm (clipping, or DeepSpeed's own) the norm decides: it is global
+    already (DDP's all-reduced gradients, FSDP2's and DeepSpeed's reduced norms), so every
+    process reaches the same decision with no collective of its own, and a NaN/inf loss
+    anywhere reaches it through backward. The step's loss is then reduced only when it is
+    logged (`log`, or a non-finite step, which is always logged). Without a norm (no
+    clipping, or fp16, whose loss scaler overflows on purpose while it calibrates and
+    skips those updates itself, so only the loss is checked) the loss reduce is the vote:
+    a sum is NaN/inf when any process's addend is, and each process's own gradient check
+    rides in the same reduce. DeepSpeed updates inside backward and skips steps with
+    non-finite gradients itself (its overflow check; seen with ZeRO-2/3 in fp32, with and
+    without clipping); `applied` reports what it did.
 
     An optimizer that can skip its update on the device (torch's fused AdamW, which
     bigft uses on CUDA) is handed the decision as a tensor (`found_inf`, as a GradScaler
@@ -83,20 +90,25 @@ def _apply_update(run: Run, loss_total: torch.Tensor, counts: torch.Tensor) -> d
         grad_norm = model.get_global_grad_norm()  # DeepSpeed clips (and measures) itself
     check_grads = resolve_precision(train.precision) != "fp16"
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-    # Without clipping there is no norm: each process checks its own (shard of the)
-    # gradients and the flag rides in the same reduce.
-    own_check = check_grads and grad_norm is None and not deepspeed
-    bad_grads = _grads_nonfinite(model) if own_check else torch.zeros((), dtype=torch.float64)
-    votes = acc.reduce(torch.stack([loss_total, bad_grads.to(acc.device)]), reduction="sum")
     norm = _as_device_scalar(grad_norm, acc.device)
-    nonfinite = ~votes[0].isfinite() | (votes[1] > 0)
     if check_grads and grad_norm is not None:
-        nonfinite |= ~norm.isfinite()
+        nonfinite = ~norm.isfinite()
+        loss_all = acc.reduce(loss_total, reduction="sum") if log else loss_total
+        voted = False
+    else:
+        # Each process checks its own (shard of the) gradients where no engine does.
+        own_check = check_grads and not deepspeed
+        bad = _grads_nonfinite(model) if own_check else torch.zeros((), dtype=torch.float64)
+        votes = acc.reduce(torch.stack([loss_total, bad.to(acc.device)]), reduction="sum")
+        loss_all, voted = votes[0], True
+        nonfinite = ~loss_all.isfinite() | (votes[1] > 0)
     # Only bigft's own step can be held back: DeepSpeed stepped in backward, and a
     # GradScaler must see the step to lower its scale (it skips the update itself).
     own_step = not deepspeed and acc.scaler is None
     inner = _device_skipping(run.optimizer) if own_step else None
-    figures = torch.cat([counts, votes[:1], norm.reshape(1), nonfinite.double().reshape(1)])
+    figures = torch.cat(
+        [counts, loss_all.reshape(1), norm.reshape(1), nonfinite.double().reshape(1)]
+    )
     if inner is not None:
         inner.found_inf = nonfinite.float()
         try:
@@ -104,6 +116,10 @@ def _apply_update(run: Run, loss_total: torch.Tensor, counts: torch.Tensor) -> d
         finally:
             del inner.found_inf
     targets, tokens, stops, loss_sum_all, norm_value, flag = figures.tolist()  # the wait
+    if not (log or voted):
+        # Not logged: no process needs the step's loss. A non-finite step (the same on
+        # every process: the norm is global) is logged, so its loss is reduced now.
+        loss_sum_all = float(acc.reduce(loss_total, reduction="sum")) if flag else float("nan")
     skip = bool(flag) and own_step
     if inner is None and not skip:
         run.optimizer.step()

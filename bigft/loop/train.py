@@ -70,14 +70,15 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
         task = progress.add_task("train", total=run.total_steps, completed=state.step, stats="")
         window_start, window_tokens = time.perf_counter(), 0.0
         while state.step < run.total_steps:
-            stats = train_step(run, _next_micro_batches(run, batches))
+            upcoming = state.step + 1
+            logged = upcoming % cfg.train.log_every == 0 or upcoming == run.total_steps
+            stats = train_step(run, _next_micro_batches(run, batches), logged)
             state.step += 1
             state.tokens += stats["tokens"]
             state.targets += stats["targets"]
             _count_skipped(run, stats)
             window_tokens += stats["tokens"]
-            due = state.step % cfg.train.log_every == 0 or state.step == run.total_steps
-            if due or stats["nonfinite"]:  # a skipped step is always logged
+            if logged or stats["nonfinite"]:  # a skipped step is always logged
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": state.step,

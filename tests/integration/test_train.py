@@ -149,3 +149,46 @@ def test_auto_micro_batch_uses_the_planner(tiny_base, data_file, tmp_path, monke
     monkeypatch.setenv("BIGFT_PLAN_GPU_MEM_GIB", "2")
     large = _auto_micro_batch(cfg, Console())
     assert small is not None and large is not None and 1 <= small < large
+
+
+@pytest.mark.parametrize(("clip", "votes"), [("1.0", 0), ("null", 6)])
+def test_the_loss_is_reduced_only_when_logged_or_voted_on(
+    tiny_base, data_file, tmp_path, monkeypatch, clip: str, votes: int
+) -> None:
+    """With clipping the global gradient norm decides finiteness, and a step reduces its
+    loss only when it is logged (steps 3 and 6 of 6, log_every 3), besides every step's
+    token counts; without clipping the loss (with each process's gradient check) is every
+    step's finiteness vote."""
+    import bigft.loop.train as loop_train
+
+    cfg = load_config(
+        write_config(tmp_path / "cfg.yaml", tiny_base, data_file),
+        ["train.steps=6", "train.log_every=3", f"train.max_grad_norm={clip}"],
+    )
+    run = setup(cfg)
+    calls: list[tuple[int, ...]] = []
+    real_reduce, real_step = run.accelerator.reduce, loop_train.train_step
+    inside = []
+
+    def counting_reduce(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if inside:
+            calls.append(tuple(tensor.shape))
+        return real_reduce(tensor, *args, **kwargs)
+
+    def step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inside.append(True)
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    run.accelerator.reduce = counting_reduce  # type: ignore[method-assign]
+    monkeypatch.setattr(loop_train, "train_step", step)
+    train(run)
+    assert calls.count((3,)) == 6  # token counts and stop requests, every step
+    assert calls.count(()) == (2 if votes == 0 else 0)  # the logged steps' loss
+    assert calls.count((2,)) == votes  # loss + gradient check, voted every step
+    assert len(calls) == 6 + (2 if votes == 0 else votes)
+    records = [r for r in read_metrics(Path(cfg.output_dir)) if "loss" in r]
+    assert [r["step"] for r in records] == [3, 6]
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in records)
