@@ -277,7 +277,8 @@ def _loss_terms(
     log-softmax and its gradient; the hidden states' gradient (N x H) and, for a head
     that trains, its weight gradient (V x H, the weight's dtype; under autocast with a
     bf16 product of each chunk beside it) are kept from the first chunk to backward, which
-    only scales them.
+    only scales them. A chunk peaks in its loss's gradient: logits, fp32 log-softmax,
+    the fp32 gradient flowing into it and the one it returns.
     """
     a = work.arch
     v, h, c = a.vocab, a.hidden, work.compute_bytes
@@ -289,7 +290,9 @@ def _loss_terms(
         loss = 12.0 * v * work.micro_batch * (work.seq_len - 1)
         return fwd, loss, logits + wgrad_temp, wgrad_temp
     rows = work.loss_rows
-    chunk = (logit_b + (4 if logit_b != 4 else 0) + 8) * v * rows
+    # Forward: the logits, their fp32 log-softmax (and, below fp32, the fp32 copy it is
+    # taken of, freed with it); the chunk's backward adds the gradients of both (fp32).
+    chunk = (logit_b + 12) * v * rows
     kept = work.residual_bytes * h * n + (head_w * v * h if head_trainable else 0.0)
     product = 2.0 * v * h if head_trainable and work.autocast and head_w != 2 else 0.0
     return chunk + product + kept, kept, kept, 0.0
