@@ -208,6 +208,7 @@ def render_script(
         "env": job_env(s, accelerate_config),
         "config": config,
         "node_script": node_script,
+        "exit_dir": str(Path(node_script).parent / "exits"),
         "log_path": log_path,
         "array": array,
         "configs_dir": configs_dir,

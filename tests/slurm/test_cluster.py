@@ -166,22 +166,33 @@ def test_render_check_asks_the_cluster(slurm_cluster: Cluster, job_config: Path)
 
 
 def test_failed_job_is_reported_failed(slurm_cluster: Cluster, job_config: Path) -> None:
-    """A GPU job with the default CPU request, whose training process exits with status 1."""
+    """A GPU job with the default CPU request whose node 1 exits with status 3 while node 0
+    is still running: srun stops node 0 with SIGTERM and itself returns 143, yet the job
+    reports node 1's status."""
     out = job_config.parent / "fails"
+    launcher = job_config.parent / "node-1-fails.sh"
+    launcher.write_text(
+        '#!/bin/bash\nif [[ "$SLURM_NODEID" == 1 ]]; then sleep 1; exit 3; fi\nexec sleep 120\n'
+    )
+    launcher.chmod(0o755)
     job_id = bigft(
         "slurm", "submit", job_config, "--nodes", "2", "--gpus-per-node", "1",
-        "slurm.python=/bin/false", f"output_dir={out}",
+        f"slurm.python={launcher}", f"output_dir={out}",
     ).stdout.strip()  # fmt: skip
     script = (out / "slurm" / "job.sbatch").read_text()
     # One rank per node (processes_per_node: 1) x the default 8 CPUs per GPU.
     assert "#SBATCH --cpus-per-task=8\n" in script
     [record] = wait_for_job(slurm_cluster, job_id)
-    assert record["JobState"] == "FAILED" and record["ExitCode"] == "1:0"
-    assert record["NumCPUs"] == "16" and record["TRES"].startswith("cpu=16,")
     log = (out / "slurm" / f"job-{job_id}.out").read_text()
-    assert "training step exited with status 1" in log
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "3:0", log
+    assert record["NumCPUs"] == "16" and record["TRES"].startswith("cpu=16,")
+    assert "node 1 failed first, with status 3; srun then stopped" in log
+    assert "(srun status 143)" in log
+    assert "training step exited with status 3" in log
+    records = sorted((out / "slurm" / "exits" / f"{job_id}.0").iterdir())
+    assert [r.name for r in records][-1] == "node-1"
     done = bigft("slurm", "status", out, check=False)
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"job {job_id}: state=FAILED" in done.stdout
-    assert "training: step 0 (failed: job FAILED, exit code 1:0)" in done.stdout
+    assert "training: step 0 (failed: job FAILED, exit code 3:0)" in done.stdout
     assert "in progress" not in done.stdout

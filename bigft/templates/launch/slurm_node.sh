@@ -16,6 +16,7 @@
 #   BIGFT_MASTER_PORT        optional: rendezvous port (default: 20000 + job id % 20000)
 #   BIGFT_RDZV_TIMEOUT       seconds nodes wait for each other at start
 #   BIGFT_ACCELERATE_CONFIG  optional: accelerate config file (DeepSpeed / FSDP)
+#   BIGFT_EXIT_DIR           optional: folder where this node records how its launcher ended
 set -euo pipefail
 
 log() { echo "[bigft node ${SLURM_NODEID:-?}] $*" >&2; }
@@ -70,11 +71,23 @@ export PYTHONSAFEPATH=1
 log "$this_node: node $node_rank of $nnodes, $nproc process(es), rendezvous" \
     "$master_addr:$master_port (host: $is_host), restart ${SLURM_RESTART_COUNT:-0}"
 
+# How this node's launcher ended: "<time> <status> <node rank>" in $BIGFT_EXIT_DIR. When one
+# node fails, srun stops the others with a signal and reports *their* status (143); the
+# batch script reads these records to name the node that failed first and its status.
+record_exit() {
+    local status=$?
+    if [[ -n "${BIGFT_EXIT_DIR:-}" ]]; then
+        echo "$(date +%s.%N) $status $node_rank" > "$BIGFT_EXIT_DIR/node-$node_rank" || true
+    fi
+    exit "$status"
+}
+trap record_exit EXIT
+
 case "${BIGFT_LAUNCHER:-torchrun}" in
 torchrun)
     # c10d rendezvous: nodes meet at the store on node 0; --max-restarts 0 because
     # restarts are Slurm's job (requeue), not torchrun's.
-    exec "$python" -m torch.distributed.run \
+    "$python" -m torch.distributed.run \
         --nnodes "$nnodes" --nproc-per-node "$nproc" \
         --rdzv-backend c10d --rdzv-endpoint "$master_addr:$master_port" \
         --rdzv-id "$SLURM_JOB_ID" \
@@ -93,7 +106,7 @@ accelerate)
     else
         args=(--multi_gpu "${args[@]}")
     fi
-    exec "$python" -m accelerate.commands.launch "${args[@]}" -m bigft train "$BIGFT_CONFIG"
+    "$python" -m accelerate.commands.launch "${args[@]}" -m bigft train "$BIGFT_CONFIG"
     ;;
 *)
     log "unknown BIGFT_LAUNCHER '${BIGFT_LAUNCHER}' (expected torchrun or accelerate)"
