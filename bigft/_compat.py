@@ -83,3 +83,19 @@ def click_exceptions() -> Any:
     except ImportError:  # typer that still depends on click
         from click import exceptions  # type: ignore[no-redef]
     return exceptions
+
+
+def stateful_dataloader(dataset: Any, **kwargs: Any) -> Any:
+    """torchdata's `StatefulDataLoader(dataset, **kwargs)`, without its deprecation noise.
+
+    Upstream symptom (torchdata 0.11 with torch 2.10 and newer): every loader built calls
+    the deprecated `torch.set_vital`, which warns "'set_vital' is deprecated, please do
+    not call" once per training run and once per evaluation. The call does nothing else.
+    """
+    import warnings
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(dataset, **kwargs)

@@ -241,6 +241,16 @@ class DataConfig(Section):
         "job prepare while the others wait.",
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="Worker processes per training process that read and collate batches "
+        "ahead of the step (torchdata StatefulDataLoader), with pinned memory on a GPU; "
+        "null: 2 with a GPU, 0 (in the training process) without one.",
+    )
+    loader_prefetch: int = Field(
+        2, ge=1, description="Batches each loader worker prepares ahead (with workers)."
+    )
     label_field: str = Field(
         "label", description="task classification/regression: column holding the label."
     )

@@ -1,4 +1,4 @@
-"""Packing, collation and the deterministic, resumable, rank-sharded loader.
+"""Packing and collation.
 
 Packed rows carry per-sequence `position_ids` that restart at 0 and no attention mask.
 How transformers isolates the sequences depends on the attention implementation:
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +23,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from bigft import faults
 from bigft.data.formats import IGNORE_INDEX
-from bigft.errors import DataError
 
 
 def bin_pack(lengths: Sequence[int] | np.ndarray, seq_len: int) -> list[list[int]]:
@@ -184,115 +180,3 @@ class Collator:
             batch["labels"][i, :n] = torch.as_tensor(list(row["labels"]))
             batch["attention_mask"][i, :n] = 1
         return batch
-
-
-class ShardedLoader:
-    """Deterministic, resumable, rank-sharded batches.
-
-    Epoch e visits the rows in a permutation seeded by (seed, e), or in order when
-    shuffle is off. Global batch k is `batch_size * world_size` consecutive entries of that
-    order; rank r takes entries [r * batch_size, (r + 1) * batch_size) of it, so ranks are
-    disjoint and together cover the global batch. Iterating never ends (epoch after epoch).
-    The position is kept in rows of the epoch's order, not in batches, so `state_dict()`
-    taken on one world size resumes at the exact next row on another. With
-    drop_last=False the last global batch of an epoch wraps around to the epoch's first
-    rows, so every rank still gets a full batch.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool,
-        collate: Callable[[list[Any]], Any],
-        drop_last: bool = True,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.collate = collate
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.position = 0  # rows of this epoch's order already handed out (all ranks)
-        self.global_batch = batch_size * world_size
-        self._record = faults.row_recorder(rank)
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"the training split has {len(dataset)} rows, fewer than one global batch "
-                f"(micro_batch_size {batch_size} x {world_size} processes); add data or "
-                "lower the batch size"
-            )
-
-    @property
-    def batches_per_epoch(self) -> int:
-        n = len(self.dataset)
-        return n // self.global_batch if self.drop_last else math.ceil(n / self.global_batch)
-
-    @property
-    def epoch_progress(self) -> float:
-        """Epochs completed, fractional: epoch + rows handed out / rows per epoch."""
-        return self.epoch + self.position / len(self.dataset)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Row indices of `epoch` in visiting order (the same on every rank)."""
-        n = len(self.dataset)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        if "position" in state:
-            self.position = int(state["position"])
-        else:  # checkpoints that counted batches, of the same layout
-            self.position = int(state["batch_index"]) * self.global_batch
-
-    def _epoch_done(self) -> bool:
-        remaining = len(self.dataset) - self.position
-        return remaining <= 0 or (self.drop_last and remaining < self.global_batch)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            if self._epoch_done():
-                self.epoch, self.position = self.epoch + 1, 0
-            order = self.order(self.epoch)
-            start = self.position + self.rank * self.batch_size
-            positions = np.arange(start, start + self.batch_size) % len(order)
-            # Advance before yielding: a state_dict taken while the consumer holds this
-            # batch already points at the next one.
-            self.position += self.global_batch
-            if self._record is not None:
-                self._record(self.epoch, positions, order[positions])
-            yield self.collate(self._rows(order[positions]))
-
-    def iter_epoch(self) -> Iterator[Any]:
-        """One pass in dataset order for evaluation: no shuffle, no drop_last, no wrap.
-
-        The last global batch may leave a rank with a short batch or none, so ranks may
-        see different batch counts; reduce metrics once after the loop, not per batch.
-        """
-        n = len(self.dataset)
-        for start in range(0, n, self.global_batch):
-            lo = start + self.rank * self.batch_size
-            hi = min(lo + self.batch_size, n)
-            if lo < hi:
-                yield self.collate(self._rows(np.arange(lo, hi)))
-
-    def _rows(self, indices: np.ndarray) -> list[Any]:
-        if isinstance(self.dataset, Dataset):
-            columns = self.dataset[indices.tolist()]
-            keys = list(columns)
-            rows = zip(*columns.values(), strict=True)
-            return [dict(zip(keys, values, strict=True)) for values in rows]
-        return [self.dataset[int(i)] for i in indices]

@@ -79,7 +79,17 @@ def store_dir(cfg: DataConfig) -> Path:
 
 def fingerprint(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: str) -> str:
     """A digest of everything the prepared rows depend on (see the module docstring)."""
-    settings = cfg.model_dump(mode="json", exclude={"prepared_dir", "num_proc", "cache", "shuffle"})
+    settings = cfg.model_dump(
+        mode="json",
+        exclude={
+            "prepared_dir",
+            "num_proc",
+            "cache",
+            "shuffle",
+            "loader_workers",
+            "loader_prefetch",
+        },
+    )
     sources = [*cfg.train_files, *(p for p in (cfg.validation, cfg.test) if p is not None)]
     inputs = {
         "bigft": __version__,

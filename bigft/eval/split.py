@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from bigft.data import ShardedLoader, pack, prompt_and_reference
+from bigft.data import data_loader, pack, prompt_and_reference
+from bigft.data import eval_batches as rank_batches
 from bigft.data.labeled import make_collator
 from bigft.engine.accelerator import print_on_main
 from bigft.errors import BigftError
@@ -76,23 +77,21 @@ def eval_batches(ctx: EvalContext, split: str) -> Iterator[Batch]:
     cfg = ctx.cfg
     if cfg.data.packing and cfg.task == "causal_lm":
         rows = pack(rows, cfg.train.seq_len, cfg.train.seed, ctx.tokenizer.pad_token_id)
-    loader = ShardedLoader(
+    collate = make_collator(cfg, ctx.tokenizer, attention_implementation(ctx.model))
+    batches, count = rank_batches(
         rows,
-        batch_size=cfg.eval.batch_size or ctx.layout.micro_batch_size,
-        rank=ctx.accelerator.process_index,
-        world_size=ctx.accelerator.num_processes,
-        seed=cfg.train.seed,
-        shuffle=False,
-        collate=make_collator(cfg, ctx.tokenizer, attention_implementation(ctx.model)),
-        drop_last=False,
+        cfg.eval.batch_size or ctx.layout.micro_batch_size,
+        ctx.accelerator.process_index,
+        ctx.accelerator.num_processes,
     )
     # Sharded engines (ZeRO-3, FSDP2) gather weights inside forward: every process must
     # run the same number of forwards, so a process short of rows repeats its last batch
     # with every label masked (it adds nothing to the loss).
-    count = loader.batches_per_epoch
     if cfg.eval.max_batches is not None:
         count = min(count, cfg.eval.max_batches)
-    return _fill_batches(loader.iter_epoch(), count, lambda: loader.collate([rows[0]]))
+        batches = batches[:count]
+    loader = data_loader(rows, batches, collate)
+    return _fill_batches(iter(loader), count, lambda: collate([rows[0]]))
 
 
 def _fill_batches(

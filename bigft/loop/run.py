@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from bigft.config import Config
-from bigft.data import PreparedData, ShardedLoader
+from bigft.data import PreparedData, TrainLoader
 from bigft.engine import checkpoint as ckpt
 from bigft.engine.resume import load_checkpoint
 from bigft.engine.settings import BatchLayout
@@ -91,7 +91,7 @@ class Run(EvalContext):
 
     optimizer: Any
     scheduler: Any  # stepped by `train_step`; saved in trainer_state.json (see setup)
-    loader: ShardedLoader
+    loader: TrainLoader
     total_steps: int
     output_dir: Path
     teacher: Any = None  # distillation teacher (frozen, eval mode)

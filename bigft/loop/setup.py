@@ -22,7 +22,7 @@ from bigft import faults, rundir
 from bigft.chunked_loss import prepare_loss
 from bigft.config import Config
 from bigft.config_io import dump_config, redacted_config
-from bigft.data import ShardedLoader, pack
+from bigft.data import TrainLoader, pack
 from bigft.data.labeled import make_collator
 from bigft.data.prepared import preparation_text, prepared_for_task
 from bigft.engine.accelerator import adopt_launcher_strategy, build_accelerator, print_on_main
@@ -88,7 +88,9 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         if packed
         else data.train
     )
-    loader = ShardedLoader(
+    on_gpu = accelerator.device.type == "cuda"
+    workers = cfg.data.loader_workers
+    loader = TrainLoader(
         train_rows,
         batch_size=layout.micro_batch_size,
         rank=accelerator.process_index,
@@ -96,6 +98,9 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         seed=cfg.train.seed,
         shuffle=cfg.data.shuffle,
         collate=make_collator(cfg, tokenizer),  # replaced once the model is loaded
+        workers=(2 if on_gpu else 0) if workers is None else workers,
+        pin_memory=on_gpu,
+        prefetch=cfg.data.loader_prefetch,
     )
     total_steps = cfg.train.steps or max(
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)

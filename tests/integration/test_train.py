@@ -58,11 +58,20 @@ def test_train_learns_and_export_reloads_with_same_logits(tiny_base, data_file, 
     assert ckpts == ["step-00000020", "step-00000040"]
 
 
-def test_resume_reproduces_uninterrupted_run(tiny_base, data_file, tmp_path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_uninterrupted_run(tiny_base, data_file, tmp_path, workers) -> None:
+    """With loader workers reading ahead (prefetch), the interrupted run still resumes at
+    the first batch it had not trained on: its weights equal a run without workers."""
+
     def final_weights(out: str, interrupt: bool) -> dict[str, torch.Tensor]:
         cfg = load_config(
             write_config(tmp_path / "cfg.yaml", tiny_base, data_file),
-            ["train.steps=8", f"output_dir={out}", "checkpoint.every_steps=100"],
+            [
+                "train.steps=8",
+                f"output_dir={out}",
+                "checkpoint.every_steps=100",
+                f"data.loader_workers={workers if interrupt else 0}",
+            ],
         )
         if interrupt:
             stopped = train(setup(cfg), stop_after=3)

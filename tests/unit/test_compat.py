@@ -104,3 +104,22 @@ def test_click_exceptions_are_the_ones_typer_raises() -> None:
     result = CliRunner().invoke(app, ["--n", "abc"], standalone_mode=False)
     assert isinstance(result.exception, click_exceptions().BadParameter)
     assert issubclass(click_exceptions().BadParameter, click_exceptions().UsageError)
+
+
+def test_stateful_dataloader_is_built_without_the_deprecation_warning() -> None:
+    import warnings
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from bigft._compat import stateful_dataloader
+
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        StatefulDataLoader([1, 2, 3], batch_size=2)
+    if not any("set_vital" in str(w.message) for w in raw):
+        pytest.skip("this torchdata / torch pair no longer warns: the shim can go")
+    with warnings.catch_warnings(record=True) as shimmed:
+        warnings.simplefilter("always")
+        loader = stateful_dataloader([1, 2, 3], batch_size=2)
+    assert not shimmed
+    assert [b.tolist() for b in loader] == [[1, 2], [3]]

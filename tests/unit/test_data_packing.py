@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from bigft.data import Collator, ShardedLoader, pack
+from bigft.data import Collator, TrainLoader, data_loader, eval_batches, pack
 from bigft.data.formats import IGNORE_INDEX
 from bigft.data.packing import bin_pack
 from bigft.tiny import build_tiny_llama
@@ -155,7 +155,7 @@ def test_loader_shards_are_disjoint_and_cover_each_epoch(as_dataset: bool) -> No
     data: Any = [{"i": i} for i in range(23)]
     if as_dataset:
         data = Dataset.from_list(data)
-    loaders = [ShardedLoader(data, 3, r, 2, seed=7, shuffle=True, collate=ids) for r in (0, 1)]
+    loaders = [TrainLoader(data, 3, r, 2, seed=7, shuffle=True, collate=ids) for r in (0, 1)]
     assert loaders[0].batches_per_epoch == 3  # 23 // (3 x 2), last partial batch dropped
     streams = [iter(loader) for loader in loaders]
     for epoch in range(3):
@@ -164,20 +164,20 @@ def test_loader_shards_are_disjoint_and_cover_each_epoch(as_dataset: bool) -> No
         order = loaders[0].order(epoch).tolist()
         assert sorted(seen[0] + seen[1]) == sorted(order[:18])
     assert loaders[0].order(0).tolist() != loaders[0].order(1).tolist()
-    plain = ShardedLoader(data, 3, 0, 2, seed=7, shuffle=False, collate=ids)
+    plain = TrainLoader(data, 3, 0, 2, seed=7, shuffle=False, collate=ids)
     assert next(iter(plain)) == [0, 1, 2]
 
 
 def test_loader_resumes_with_the_exact_next_batch() -> None:
     data = [{"i": i} for i in range(23)]
-    first = ShardedLoader(data, 2, 1, 2, seed=3, shuffle=True, collate=ids)
+    first = TrainLoader(data, 2, 1, 2, seed=3, shuffle=True, collate=ids)
     stream = iter(first)
     take(stream, 7)  # crosses an epoch boundary (5 batches per epoch)
     state = first.state_dict()
     assert state == {"epoch": 1, "position": 8}  # 2 global batches of 2 x 2 rows
     expected = take(stream, 6)
 
-    resumed = ShardedLoader(data, 2, 1, 2, seed=3, shuffle=True, collate=ids)
+    resumed = TrainLoader(data, 2, 1, 2, seed=3, shuffle=True, collate=ids)
     resumed.load_state_dict(state)
     assert take(iter(resumed), 6) == expected
 
@@ -189,13 +189,13 @@ def test_loader_resumes_at_the_same_row_on_another_world_size(before: int, after
     data = [{"i": i} for i in range(40)]
     micro = 2
 
-    def loaders(world: int) -> list[ShardedLoader]:
+    def loaders(world: int) -> list[TrainLoader]:
         return [
-            ShardedLoader(data, micro, r, world, seed=5, shuffle=True, collate=ids)
+            TrainLoader(data, micro, r, world, seed=5, shuffle=True, collate=ids)
             for r in range(world)
         ]
 
-    def rows_of_steps(group: list[ShardedLoader], steps: int, rows_per_step: int) -> list[int]:
+    def rows_of_steps(group: list[TrainLoader], steps: int, rows_per_step: int) -> list[int]:
         streams = [iter(loader) for loader in group]
         seen: list[int] = []
         while len(seen) < steps * rows_per_step:
@@ -222,17 +222,35 @@ def test_loader_resumes_at_the_same_row_on_another_world_size(before: int, after
 def test_loader_reads_batch_counted_state() -> None:
     """Checkpoints written before positions were kept in rows resume where they were."""
     data = [{"i": i} for i in range(23)]
-    loader = ShardedLoader(data, 2, 0, 2, seed=3, shuffle=True, collate=ids)
+    loader = TrainLoader(data, 2, 0, 2, seed=3, shuffle=True, collate=ids)
     loader.load_state_dict({"epoch": 1, "batch_index": 2})
     assert loader.state_dict() == {"epoch": 1, "position": 8}
 
 
 def test_loader_eval_epoch_and_wraparound() -> None:
     data = [{"i": i} for i in range(11)]
-    loaders = [ShardedLoader(data, 2, r, 3, seed=0, shuffle=True, collate=ids) for r in range(3)]
-    covered = sorted(flat(flat(loader.iter_epoch()) for loader in loaders))
-    assert covered == list(range(11))  # every row exactly once, in eval
+    per_rank = [eval_batches(data, 2, r, 4) for r in range(4)]
+    assert {count for _, count in per_rank} == {2}  # ceil(11 / 8) forwards on every rank
+    assert [[len(b) for b in batches] for batches, _ in per_rank] == [[2, 2], [2, 1], [2], [2]]
+    covered = [flat(data_loader(data, batches, ids)) for batches, _ in per_rank]
+    assert sorted(flat(covered)) == list(range(11))  # every row exactly once, in eval
 
-    wrap = ShardedLoader(data, 2, 2, 3, seed=0, shuffle=False, collate=ids, drop_last=False)
+    wrap = TrainLoader(data, 2, 2, 3, seed=0, shuffle=False, collate=ids, drop_last=False)
     assert wrap.batches_per_epoch == 2
     assert take(iter(wrap), 2) == [[4, 5], [10, 0]]  # the short last batch wraps around
+
+
+def test_workers_prefetch_but_the_state_counts_what_was_handed_out() -> None:
+    """Two worker processes read ahead; the state after k batches is still k batches in,
+    and a loader resumed from it hands out exactly the batches that followed."""
+    data = Dataset.from_list([{"i": i} for i in range(50)])
+    kwargs = {"seed": 4, "shuffle": True, "collate": ids}
+    plain = take(iter(TrainLoader(data, 3, 1, 2, **kwargs)), 12)
+    loader = TrainLoader(data, 3, 1, 2, workers=2, prefetch=3, **kwargs)
+    stream = iter(loader)
+    assert take(stream, 5) == plain[:5]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "position": 30}  # 5 global batches of 3 x 2, not more
+    resumed = TrainLoader(data, 3, 1, 2, workers=2, **kwargs)
+    resumed.load_state_dict(state)
+    assert take(iter(resumed), 7) == plain[5:]
