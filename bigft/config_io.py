@@ -173,7 +173,12 @@ def _resolve_paths(config: Config, base: Path) -> None:
     file, like includes; output_dir and the rest to the current directory. `~` is
     expanded in every path."""
     data = config.data
-    data.train = [_resolve(p, base) for p in data.train_files]
+    data.train = [
+        _resolve(e, base)
+        if isinstance(e, str)
+        else e.model_copy(update={"path": _resolve(e.path, base)})
+        for e in ([data.train] if isinstance(data.train, str) else data.train)
+    ]
     if data.validation:
         data.validation = _resolve(data.validation, base)
     if data.test:

@@ -176,21 +176,33 @@ class TrainLoader:
 
 def data_loader(
     dataset: Any,
-    batch_sampler: Sampler[list[int]] | Sequence[list[int]],
+    batch_sampler: Sampler[list[int]] | Sequence[list[int]] | None,
     collate: Callable[[list[Any]], Any],
     workers: int = 0,
     pin_memory: bool = False,
     prefetch: int = 2,
+    batch_size: int | None = None,
 ) -> Any:
     """A torchdata `StatefulDataLoader` over `dataset` in the batches `batch_sampler`
-    gives."""
+    gives (an iterable dataset: in full batches of `batch_size`).
+
+    The loader gets a generator of its own: each iterator draws a seed for its workers,
+    which would otherwise come from torch's global generator and shift the dropout masks
+    of the training that follows (a resumed run, or one that evaluates, would no longer
+    match an uninterrupted one)."""
+    batching: dict[str, Any] = (
+        {"batch_sampler": batch_sampler}
+        if batch_sampler is not None
+        else {"batch_size": batch_size, "drop_last": True}
+    )
     return stateful_dataloader(
         dataset,
-        batch_sampler=batch_sampler,
+        **batching,
         collate_fn=collate,
         num_workers=workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         prefetch_factor=prefetch if workers else None,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

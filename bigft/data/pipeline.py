@@ -2,7 +2,8 @@
 
 Order: load (every train file) -> format + tokenize (`datasets.map`, cached) -> stop at the
 first invalid row -> deterministic split by ratios (splits with their own file are not
-taken from train) -> clean each split (empty, duplicate, over-long) -> statistics.
+taken from train) -> clean each split (empty, duplicate, over-long; optionally too
+short, another language, near-duplicate: `bigft.data.clean`) -> statistics.
 Everything a user can get wrong in the data is found here, before any run directory,
 model or GPU is touched.
 """
@@ -19,14 +20,16 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 
 from bigft import __version__
-from bigft.config import DataConfig
+from bigft.config import DataConfig, TrainSource
+from bigft.data.clean import NearDuplicates, Screen, language_detector
 from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter
+from bigft.data.mixture import SOURCE
 from bigft.data.packing import bin_pack
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError, RowError
 
 SPLITS = ("train", "validation", "test")
-DROP_REASONS = ("empty", "duplicate", "too_long")
+DROP_REASONS = ("empty", "duplicate", "too_long", "too_short", "language", "near_duplicate")
 
 _FEATURES = Features(
     {
@@ -37,9 +40,11 @@ _FEATURES = Features(
         "targets": Value("int32"),  # target tokens before truncation
         "kept_targets": Value("int32"),  # target tokens after truncation
         "digest": Value("string"),  # of ids + labels, for exact-duplicate detection
+        "source": Value("string"),  # the file, and
+        "row": Value("int64"),  # the row's index in it, for the removal report
     }
 )
-_BOOKKEEPING = ["length", "targets", "kept_targets", "digest"]
+_BOOKKEEPING = ["length", "targets", "kept_targets", "digest", "source", "row"]
 
 
 @dataclass
@@ -57,6 +62,8 @@ class SplitStats:
     length_max: int = 0
     tokens: int = 0
     target_tokens: int = 0
+    # reason -> up to two dropped rows: location, detail, text (bigft.data.clean.Screen)
+    removed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,20 +99,31 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
     Raises DataError (one line, naming file and line) for any problem in the data, and
     when no training row survives cleaning.
     """
-    spec = FormatSpec(
-        format=cfg.format,
-        text_field=cfg.text_field,
-        prompt_template=cfg.prompt_template,
-        chat_template=cfg.chat_template,
-        completion_only=cfg.completion_only,
+    near = NearDuplicates(cfg.near_duplicates) if cfg.near_duplicates is not None else None
+    if cfg.languages is not None:
+        language_detector()  # the optional package is there
+    tokenize = _Tokenize(
+        formatter_for(cfg, tokenizer), seq_len, cfg.overlong == "truncate", cfg.num_proc, cfg.cache
     )
-    formatter = Formatter(spec, tokenizer)
-    tokenize = _Tokenize(formatter, seq_len, cfg.overlong == "truncate", cfg.num_proc, cfg.cache)
+    train_sources = cfg.train_sources
 
-    parts, sources = assemble_splits(cfg, tokenize.files, seed)
+    def load_train() -> Dataset:
+        """The train files, each with its own format; a `source_id` column (the
+        source's index in data.train) when there are several."""
+        parts = []
+        for index, source in enumerate(train_sources):
+            rows = tokenize.file(source.path, formatter_for(cfg, tokenizer, source))
+            if len(train_sources) > 1:
+                rows = rows.add_column(SOURCE, np.full(len(rows), index, dtype=np.int32))
+            parts.append(rows)
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+    parts, sources = assemble_splits(cfg, tokenize.files, seed, load_train)
 
     # Clean in a fixed order sharing one set of digests: a row duplicated across splits is
     # dropped from validation/test, never from train, so evaluation never sees train rows.
+    # The near-duplicate index (made before anything is read, so that a missing package
+    # is said at once) is shared the same way, over the splits in that order.
     seen: set[str] = set()
     cleaned: dict[str, Dataset | None] = {}
     stats: dict[str, SplitStats] = {}
@@ -113,7 +131,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
         if name not in parts:
             continue
         cleaned[name], stats[name] = _clean(
-            parts[name], sources[name], seen, seq_len, cfg.overlong, cfg.drop_duplicates
+            parts[name], sources[name], seen, near, seq_len, cfg, tokenizer
         )
     train = cleaned["train"]
     if train is None:
@@ -121,7 +139,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
         raise DataError(
             f"{sources['train']}: no training rows left ({s.rows_loaded} loaded; dropped "
             + ", ".join(f"{k} {v}" for k, v in s.dropped.items())
-            + "); check data.format, data.overlong and train.seq_len"
+            + "); check data.format, data.overlong and train.seq_len (and data.min_tokens, "
+            "data.languages, data.near_duplicates if set)"
         )
     data_stats = DataStats(seq_len=seq_len, splits=stats)
     if cfg.packing:
@@ -133,14 +152,18 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
 
 
 def assemble_splits(
-    cfg: DataConfig, load: Callable[[list[str]], Dataset], seed: int
+    cfg: DataConfig,
+    load: Callable[[list[str]], Dataset],
+    seed: int,
+    load_train: Callable[[], Dataset] | None = None,
 ) -> tuple[dict[str, Dataset], dict[str, str]]:
-    """(split -> rows, split -> where they came from), rows made by `load(paths)`.
+    """(split -> rows, split -> where they came from), rows made by `load(paths)` (the
+    train files by `load_train()` when given).
 
     Splits with their own file (data.validation / data.test) take nothing from train:
     their ratio stays with train, and only the others are split off, by `seed`.
     """
-    pool = load(cfg.train_files)
+    pool = load_train() if load_train else load(cfg.train_files)
     parts: dict[str, Dataset] = {}
     sources = {"train": ", ".join(cfg.train_files)}
     for name, path in (("validation", cfg.validation), ("test", cfg.test)):
@@ -175,6 +198,19 @@ def split_indices(n: int, ratios: dict[str, float], seed: int) -> dict[str, np.n
     return out
 
 
+def formatter_for(cfg: DataConfig, tokenizer: Any, source: TrainSource | None = None) -> Formatter:
+    """The formatter of data.train's `source` (its own format and text field, if it has
+    them), or of data's defaults."""
+    spec = FormatSpec(
+        format=(source and source.format) or cfg.format,
+        text_field=(source and source.text_field) or cfg.text_field,
+        prompt_template=cfg.prompt_template,
+        chat_template=cfg.chat_template,
+        completion_only=cfg.completion_only,
+    )
+    return Formatter(spec, tokenizer)
+
+
 class _Tokenize:
     """Format + tokenize files with `datasets.map`, then fail on the first bad row."""
 
@@ -196,13 +232,17 @@ class _Tokenize:
         parts = [self.file(path) for path in paths]
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
-    def file(self, path: str) -> Dataset:
+    def file(self, path: str, formatter: Formatter | None = None) -> Dataset:
         raw = load_rows(path)
         num_proc = min(self.num_proc, len(raw))
+        fn_kwargs = (
+            self.fn_kwargs if formatter is None else {**self.fn_kwargs, "formatter": formatter}
+        )
         out = raw.map(
             tokenize_batch,
             batched=True,
-            fn_kwargs=self.fn_kwargs,
+            with_indices=True,  # and the path: rows' locations for the removal report
+            fn_kwargs={**fn_kwargs, "path": path},
             remove_columns=raw.column_names,
             features=_FEATURES,
             num_proc=num_proc if num_proc > 1 else None,
@@ -220,13 +260,16 @@ class _Tokenize:
 
 def tokenize_batch(
     batch: dict[str, list[Any]],
+    indices: list[int],
     formatter: Formatter,
     seq_len: int,
     truncate: bool,
     code_version: str = "",
+    path: str = "",
 ) -> dict[str, list[Any]]:
-    """`datasets.map` function. Bad rows come back as an `error` string rather than an
-    exception, so the pipeline can name the first one by file and line."""
+    """`datasets.map` function (`with_indices`: `indices` are the rows' indices in `path`).
+    Bad rows come back as an `error` string rather than an exception, so the pipeline can
+    name the first one by file and line."""
     out: dict[str, list[Any]] = {name: [] for name in _FEATURES}
     size = len(next(iter(batch.values()))) if batch else 0
     for i in range(size):
@@ -251,6 +294,8 @@ def tokenize_batch(
         out["targets"].append(targets)
         out["kept_targets"].append(sum(1 for label in labels if label != IGNORE_INDEX))
         out["digest"].append(digest)
+        out["source"].append(path)
+        out["row"].append(indices[i])
     return out
 
 
@@ -258,31 +303,43 @@ def _clean(
     ds: Dataset,
     source: str,
     seen: set[str],
+    near: NearDuplicates | None,
     seq_len: int,
-    overlong: str,
-    drop_duplicates: bool,
+    cfg: DataConfig,
+    tokenizer: Any,
 ) -> tuple[Dataset | None, SplitStats]:
-    """Drop empty, duplicate and over-long rows; count what was dropped and truncated."""
+    """Drop empty, duplicate, over-long and too short rows, then (`bigft.data.clean`) rows
+    in another language and near-duplicates of kept rows; count what was dropped and
+    truncated, with a few examples of each reason."""
     stats = SplitStats(source=source, rows_loaded=len(ds))
-    cols = ds.select_columns(_BOOKKEEPING).with_format("numpy")[:]
+    cols = ds.select_columns(_BOOKKEEPING[:4]).with_format("numpy")[:]
+    # Truncation that cuts away every target (a prompt longer than seq_len) is as useless
+    # as a dropped row.
+    too_long = (cols["length"] > seq_len) & ((cfg.overlong == "drop") | (cols["kept_targets"] == 0))
+    too_short = cols["length"] < cfg.min_tokens
+    candidates = (cols["targets"] > 0) & ~too_long & ~too_short
+    screen = Screen(ds, near, cfg, tokenizer, seq_len, candidates)
     keep: list[int] = []
-    for i, (length, targets, kept_targets, digest) in enumerate(
-        zip(cols["length"], cols["targets"], cols["kept_targets"], cols["digest"], strict=True)
-    ):
+    for i, (targets, digest) in enumerate(zip(cols["targets"], cols["digest"], strict=True)):
+        reason: str | None
         if targets == 0:
             reason = "empty"
-        elif drop_duplicates and digest in seen:
+        elif cfg.drop_duplicates and digest in seen:
             reason = "duplicate"
-        elif length > seq_len and (overlong == "drop" or kept_targets == 0):
-            # Truncation that cuts away every target (a prompt longer than seq_len) is as
-            # useless as a dropped row.
+        elif too_long[i]:
             reason = "too_long"
+        elif too_short[i]:
+            reason = "too_short"
         else:
+            reason = screen.verdict(i)
+        if reason is None:
             keep.append(i)
             seen.add(digest)
-            stats.truncated += int(length > seq_len)
+            screen.keep(i)
+            stats.truncated += int(cols["length"][i] > seq_len)
             continue
         stats.dropped[reason] += 1
+        screen.example(stats.removed, reason, i)
     stats.rows_kept = len(keep)
     if not keep:
         return None, stats

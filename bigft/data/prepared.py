@@ -90,6 +90,16 @@ def fingerprint(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: 
             "loader_prefetch",
         },
     )
+    # A mixture's weights, epoch counts and names are applied when a run starts
+    # (bigft.data.mixture): they do not change the prepared rows.
+    settings["train"] = [
+        {
+            k: v
+            for k, v in s.model_dump(mode="json").items()
+            if k not in ("weight", "epochs", "name")
+        }
+        for s in cfg.train_sources
+    ]
     sources = [*cfg.train_files, *(p for p in (cfg.validation, cfg.test) if p is not None)]
     inputs = {
         "bigft": __version__,
@@ -274,16 +284,16 @@ def prepared_for_task(
     """The run's data (`bigft.data.labeled.prepare_for_task`) through the store: what
     `bigft train` and `bigft data prepare` use."""
     from bigft.data.labeled import prepare_for_task
+    from bigft.data.streaming import prepare_heldout
 
     seq_len, seed = cfg.train.seq_len, cfg.train.seed
-    return load_or_prepare(
-        cfg.data,
-        tokenizer,
-        seq_len,
-        seed,
-        cfg.task,
-        lambda: prepare_for_task(cfg.data, tokenizer, seq_len, seed, cfg.task),
-    )
+
+    def prepare() -> Prepared:
+        if cfg.data.streaming:
+            return prepare_heldout(cfg.data, tokenizer, seq_len, seed), None
+        return prepare_for_task(cfg.data, tokenizer, seq_len, seed, cfg.task)
+
+    return load_or_prepare(cfg.data, tokenizer, seq_len, seed, cfg.task, prepare)
 
 
 def preparation_text(p: Preparation) -> str:

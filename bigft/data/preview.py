@@ -1,5 +1,6 @@
 """Show what the model will be trained on: formatted examples with the masked span
-visibly different, then the cleaning and length statistics (`bigft data preview`)."""
+visibly different, then the cleaning and length statistics and what cleaning removed, with
+example rows by file and line (`bigft data preview`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from bigft.data.formats import IGNORE_INDEX
-from bigft.data.pipeline import DROP_REASONS, PreparedData
+from bigft.data.pipeline import DROP_REASONS, PreparedData, SplitStats
 
 MASKED_STYLE = "dim bright_black"
+BASE_REASONS = ("empty", "duplicate", "too_long")
 TARGET_STYLE = "bold green"
 
 
@@ -41,7 +43,12 @@ def stats_table(prepared: PreparedData) -> Table:
     table = Table(title=f"data (seq_len {prepared.stats.seq_len})")
     table.add_column("split")
     table.add_column("source", overflow="fold")
-    for name in ("loaded", "kept", *DROP_REASONS, "truncated", "p50", "p90", "p99", "max"):
+    splits = prepared.stats.splits.values()
+    # The filters that are off by default get a column only when they dropped something.
+    reasons = [
+        r for r in DROP_REASONS if r in BASE_REASONS or any(s.dropped.get(r) for s in splits)
+    ]
+    for name in ("loaded", "kept", *reasons, "truncated", "p50", "p90", "p99", "max"):
         table.add_column(name, justify="right")
     table.add_column("target tokens", justify="right")
     for name, s in prepared.stats.splits.items():
@@ -50,7 +57,7 @@ def stats_table(prepared: PreparedData) -> Table:
             s.source,
             str(s.rows_loaded),
             str(s.rows_kept),
-            *(str(s.dropped[r]) for r in DROP_REASONS),
+            *(str(s.dropped.get(r, 0)) for r in reasons),
             str(s.truncated),
             str(s.length_p50),
             str(s.length_p90),
@@ -77,3 +84,26 @@ def preview(prepared: PreparedData, tokenizer: Any, console: Console, n: int = 3
         console.rule(f"train example {i} ({len(row['input_ids'])} tokens)")
         console.print(render_example(row["input_ids"], row["labels"], tokenizer))
     console.print(stats_table(prepared))
+    for name, stats in prepared.stats.splits.items():
+        for line in removal_report(name, stats):
+            # Long lines stay whole: a location is meant to be copied.
+            console.print(line, soft_wrap=True)
+
+
+def removal_report(name: str, stats: SplitStats) -> list[Text]:
+    """What cleaning removed from one split and why: rows per reason and, under each, the
+    example rows recorded (location, why, start of the trained-on text)."""
+    dropped = {r: n for r, n in stats.dropped.items() if n}
+    if not dropped:
+        return [Text(f"removed from {name}: nothing")]
+    lines = [Text(f"removed from {name}: {sum(dropped.values())} of {stats.rows_loaded} rows")]
+    for reason, count in dropped.items():
+        lines.append(Text.assemble("  ", (reason, "bold"), f": {count}"))
+        for example in stats.removed.get(reason, []):
+            line = Text.assemble("    ", (example["location"], "cyan"))
+            if example.get("detail"):
+                line.append(f"  {example['detail']}")
+            if example.get("text"):
+                line.append(f"  {example['text']!r}", style="dim")
+            lines.append(line)
+    return lines

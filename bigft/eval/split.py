@@ -9,14 +9,17 @@ metrics.jsonl and prints them on the main process.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from bigft.data import data_loader, pack, prompt_and_reference
 from bigft.data import eval_batches as rank_batches
 from bigft.data.labeled import make_collator
+from bigft.data.mixture import SOURCE, sources_of
 from bigft.engine.accelerator import print_on_main
 from bigft.errors import BigftError
 from bigft.eval.metrics import evaluate_labeled, evaluate_loss, exact_match, load_scorer
@@ -35,7 +38,7 @@ def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
         batches = eval_batches(ctx, split)
         result.update(evaluate_labeled(ctx.model, batches, ctx.accelerator, ctx.label_names))
     elif getattr(ctx.data, split) is not None:
-        result.update(evaluate_loss(ctx.model, eval_batches(ctx, split), ctx.accelerator))
+        result.update(causal_lm_loss(ctx, getattr(ctx.data, split)))
     gen = cfg.eval.generate
     rows = getattr(ctx.data, split)
     if gen.enabled and rows is not None and len(rows) and cfg.data.format != "text":
@@ -70,8 +73,32 @@ def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
     return result
 
 
-def eval_batches(ctx: EvalContext, split: str) -> Iterator[Batch]:
-    rows = getattr(ctx.data, split)
+def causal_lm_loss(ctx: EvalContext, rows: Any) -> dict[str, Any]:
+    """Loss and perplexity of `rows`; for a training mixture whose rows name their source,
+    also each source's (`eval_loss/<name>`, `eval_tokens/<name>`), from one pass per
+    source (eval.max_batches then caps each source)."""
+    sources = ctx.cfg.data.train_sources
+    if len(sources) < 2 or SOURCE not in rows.column_names:
+        return evaluate_loss(ctx.model, eval_batches(ctx, rows), ctx.accelerator)
+    of_row = sources_of(rows)
+    result: dict[str, Any] = {}
+    loss_sum = tokens = 0.0
+    for i, source in enumerate(sources):
+        members = np.flatnonzero(of_row == i)
+        if not len(members):
+            continue
+        part = evaluate_loss(ctx.model, eval_batches(ctx, rows.select(members)), ctx.accelerator)
+        result[f"eval_loss/{source.label}"] = part["eval_loss"]
+        result[f"eval_tokens/{source.label}"] = part["eval_tokens"]
+        loss_sum += part["eval_loss"] * part["eval_tokens"]
+        tokens += part["eval_tokens"]
+    mean = loss_sum / max(tokens, 1.0)
+    overall = {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(tokens)}
+    return {**overall, **result}
+
+
+def eval_batches(ctx: EvalContext, rows_or_split: Any) -> Iterator[Batch]:
+    rows = getattr(ctx.data, rows_or_split) if isinstance(rows_or_split, str) else rows_or_split
     if rows is None or len(rows) == 0:
         return iter(())
     cfg = ctx.cfg

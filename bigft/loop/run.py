@@ -18,6 +18,8 @@ from rich.console import Console
 
 from bigft.config import Config
 from bigft.data import PreparedData, TrainLoader
+from bigft.data.mixture import SourceShare
+from bigft.data.streaming import StreamLoader
 from bigft.engine import checkpoint as ckpt
 from bigft.engine.resume import load_checkpoint
 from bigft.engine.settings import BatchLayout
@@ -91,12 +93,13 @@ class Run(EvalContext):
 
     optimizer: Any
     scheduler: Any  # stepped by `train_step`; saved in trainer_state.json (see setup)
-    loader: TrainLoader
+    loader: TrainLoader | StreamLoader
     total_steps: int
     output_dir: Path
     teacher: Any = None  # distillation teacher (frozen, eval mode)
     loss_info: dict[str, Any] = field(default_factory=dict)  # train.loss_impl in effect
     data_source: str = ""  # where the prepared data came from (bigft.data.prepared)
+    mixture: list[SourceShare] = field(default_factory=list)  # data.train's sources
     # Test hook (bigft.faults): the steps whose loss this process makes NaN.
     nonfinite_steps: frozenset[int] = frozenset()
     state: LoopState = field(default_factory=LoopState)

@@ -22,9 +22,11 @@ from bigft import faults, rundir
 from bigft.chunked_loss import prepare_loss
 from bigft.config import Config
 from bigft.config_io import dump_config, redacted_config
-from bigft.data import TrainLoader, pack
+from bigft.data import PreparedData, TrainLoader, pack
 from bigft.data.labeled import make_collator
+from bigft.data.mixture import SourceShare, mix
 from bigft.data.prepared import preparation_text, prepared_for_task
+from bigft.data.streaming import StreamLoader
 from bigft.engine.accelerator import adopt_launcher_strategy, build_accelerator, print_on_main
 from bigft.engine.checkpoint import clean_partial
 from bigft.engine.resume import ResumePoint, check_compatible, check_fits, find_resume
@@ -82,26 +84,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         )
     if cfg.eval.scorer is not None:
         load_scorer(cfg.eval.scorer)  # a bad name fails now, not at the first evaluation
-    packed = cfg.data.packing and cfg.task == "causal_lm"
-    train_rows = (
-        pack(data.train, cfg.train.seq_len, cfg.train.seed, tokenizer.pad_token_id)
-        if packed
-        else data.train
-    )
-    on_gpu = accelerator.device.type == "cuda"
-    workers = cfg.data.loader_workers
-    loader = TrainLoader(
-        train_rows,
-        batch_size=layout.micro_batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.train.seed,
-        shuffle=cfg.data.shuffle,
-        collate=make_collator(cfg, tokenizer),  # replaced once the model is loaded
-        workers=(2 if on_gpu else 0) if workers is None else workers,
-        pin_memory=on_gpu,
-        prefetch=cfg.data.loader_prefetch,
-    )
+    loader, shares = _train_loader(cfg, data, tokenizer, layout, accelerator)
     total_steps = cfg.train.steps or max(
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)
     )
@@ -158,6 +141,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             teacher=teacher,
             loss_info=loss_info,
             data_source=preparation_text(preparation),
+            mixture=shares,
             nonfinite_steps=faults.nonfinite_steps(accelerator.process_index),
         )
         _resume(run, resume)
@@ -168,6 +152,35 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             rundir.release(output_dir)
         raise
     return run
+
+
+def _train_loader(
+    cfg: Config, data: PreparedData, tokenizer: Any, layout: Any, accelerator: Accelerator
+) -> tuple[TrainLoader | StreamLoader, list[SourceShare]]:
+    """This process's training batches (prepared rows, mixed and packed, or a stream),
+    and each source's share of an epoch (a mixture of prepared sources)."""
+    packed = cfg.data.packing and cfg.task == "causal_lm"
+    on_gpu = accelerator.device.type == "cuda"
+    options = {
+        "batch_size": layout.micro_batch_size,
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "collate": make_collator(cfg, tokenizer),  # replaced once the model is loaded
+        "workers": (2 if on_gpu else 0)
+        if cfg.data.loader_workers is None
+        else cfg.data.loader_workers,
+        "pin_memory": on_gpu,
+        "prefetch": cfg.data.loader_prefetch,
+    }
+    seq_len, seed = cfg.train.seq_len, cfg.train.seed
+    if cfg.data.streaming:
+        return StreamLoader(cfg.data, tokenizer, seq_len, seed, packed=packed, **options), []
+    rows, shares = data.train, list[SourceShare]()
+    if cfg.task == "causal_lm" and len(cfg.data.train_sources) > 1:
+        rows, shares = mix(data.train, cfg.data.train_sources, seed)
+    if packed:
+        rows = pack(rows, seq_len, seed, tokenizer.pad_token_id)
+    return TrainLoader(rows, seed=seed, shuffle=cfg.data.shuffle, **options), shares
 
 
 def _check_model_sources(cfg: Config) -> None:

@@ -23,9 +23,17 @@ def startup_summary(run: Run) -> Table:
         method += f" + distillation from {cfg.distill.teacher}"
     stats = run.data.stats
     data_lines = [
-        f"{name} {s.rows_kept:,} rows, {s.tokens:,} tokens (p50 {s.length_p50}, max {s.length_max})"
+        f"{name} {s.source}"
+        if name == "train" and cfg.data.streaming
+        else f"{name} {s.rows_kept:,} rows, {s.tokens:,} tokens (p50 {s.length_p50}, "
+        f"max {s.length_max})"
         for name, s in stats.splits.items()
     ]
+    for share in run.mixture:
+        data_lines.append(
+            f"  source {share.name}: {share.rows:,} rows, {share.tokens:,} tokens -> "
+            f"{share.epoch_rows:,} rows, {share.epoch_tokens:,} tokens per epoch"
+        )
     if stats.packing_efficiency is not None:
         data_lines.append(
             f"packed into {stats.packed_rows:,} rows of {stats.seq_len} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -214,6 +215,8 @@ def _finish(run: Run) -> dict[str, Any]:
         "output_dir": str(run.output_dir),
         **faults.instrumentation(run.accelerator, run.model),
     }
+    if run.mixture:
+        summary["mixture"] = [asdict(share) for share in run.mixture]
     if run.teacher is not None:  # a sharded teacher holds 1/N of its weights per process
         teacher = engine_report(run.accelerator, run.teacher)["param_fraction_local"]
         summary["engine"]["teacher_param_fraction_local"] = teacher

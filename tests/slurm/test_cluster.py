@@ -67,6 +67,7 @@ def job_config(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         tiny_base,
         data,
         train={"steps": STEPS},
+        data={"prepared_dir": str(work / "prepared")},
         slurm={
             "processes_per_node": 1,
             "python": sys.executable,
@@ -96,6 +97,14 @@ def test_two_node_job_trains_and_exports(slurm_cluster: Cluster, baseline: Path)
     log = next((baseline / "slurm").glob("job-*.out")).read_text()
     # Each node computed its own rank: the batch shell could not have.
     assert "node 0 of 2" in log and "node 1 of 2" in log
+    # The two nodes' processes prepared the data once, through the lock file (no
+    # collective that could time out), and both trained on it.
+    store = baseline.parent / "prepared"
+    assert len([p for p in store.iterdir() if p.is_dir()]) == 1, list(store.iterdir())
+    assert not list(store.glob("*.lock")) and not list(store.glob("*.tmp*"))
+    # Rank 0 says which process prepared: itself, or the other node's.
+    said = ("data: prepared into", "data: prepared by another process into")
+    assert sum(log.count(f"{words} {store}/") for words in said) == 1, log
     weights = load_file(baseline / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     model = AutoModelForCausalLM.from_pretrained(baseline / "final")

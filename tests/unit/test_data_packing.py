@@ -254,3 +254,17 @@ def test_workers_prefetch_but_the_state_counts_what_was_handed_out() -> None:
     resumed = TrainLoader(data, 3, 1, 2, workers=2, **kwargs)
     resumed.load_state_dict(state)
     assert take(iter(resumed), 7) == plain[5:]
+
+
+def test_loaders_leave_the_global_random_generator_alone() -> None:
+    """Building and reading a loader (with or without workers) draws nothing from torch's
+    global generator, so dropout after an evaluation or a resume is what it would be."""
+    data = Dataset.from_list([{"i": i} for i in range(12)])
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for workers in (0, 2):
+        take(
+            iter(TrainLoader(data, 2, 0, 1, seed=1, shuffle=True, collate=ids, workers=workers)), 3
+        )
+    assert list(data_loader(data, [[0, 1], [2]], ids)) == [[0, 1], [2]]
+    assert torch.equal(torch.get_rng_state(), before)
