@@ -210,3 +210,23 @@ def test_streamed_rows_pass_the_length_and_language_filters(
 def test_near_duplicates_are_refused_with_streaming(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not with data.streaming"):
         streamed_config(tmp_path, tiny_base, "x.jsonl", "train.steps=3", "data.near_duplicates=0.8")
+
+
+def test_a_stream_position_from_another_layout_is_refused(
+    tokenizer: Any, tiny_base: Path, tmp_path: Path
+) -> None:
+    from bigft.data.streaming import StreamLoader
+
+    cfg = streamed_config(tmp_path, tiny_base, "x.jsonl", "train.steps=3")
+
+    def loader(world: int) -> StreamLoader:
+        return StreamLoader(
+            cfg.data, tokenizer, 64, 0, batch_size=2, rank=0, world_size=world, packed=True,
+            collate=list,
+        )  # fmt: skip
+
+    saved = loader(2).state_dict()
+    with pytest.raises(DataError, match="resume a streamed run with the same ones") as info:
+        loader(1).load_state_dict(saved)
+    assert "\n" not in str(info.value)
+    loader(2).load_state_dict(saved)  # the same layout resumes
