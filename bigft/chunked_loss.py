@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigft.errors import BigftError, ConfigError
-from bigft.losses import HEAD_REQUEST, HeadRequest, position_losses
+from bigft.losses import HEAD_REQUEST, HeadRequest, add_by_source, position_losses
 
 # Config keys with which transformers rescales or caps the logits after the lm_head call
 # (Gemma-2/3, Cohere, Granite): the chunked loss would skip that step.
@@ -75,7 +75,9 @@ class HeadLoss:
         request.head = self
         flat = hidden.reshape(-1, hidden.size(-1))
         labels = request.labels.reshape(-1)
-        if self.impl == "liger" and request.teacher is None:
+        # Liger returns the sum only: a step whose loss per source is wanted (a logged
+        # step of a mixture) is scored by chunks.
+        if self.impl == "liger" and request.teacher is None and request.by_source is None:
             losses = self._liger(flat, labels)
         else:
             losses = self._chunked(flat, labels, request)
@@ -104,17 +106,29 @@ class HeadLoss:
         teacher: torch.Tensor | None,
         req: HeadRequest,
         with_grad: bool,
+        part: slice,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One chunk: its summed loss (fp32) and, `with_grad`, the loss's gradient with
         respect to the chunk's logits (in the logits' dtype, as autograd gives it)."""
         logits = F.linear(hidden, self.module.weight, self.module.bias)
         if not with_grad:
-            return position_losses(logits, labels, teacher, req.temperature, req.weight).sum(), None
+            losses = position_losses(logits, labels, teacher, req.temperature, req.weight)
+            self._by_source(req, losses, labels, part)
+            return losses.sum(), None
         logits.requires_grad_(True)
         with torch.enable_grad():
-            loss = position_losses(logits, labels, teacher, req.temperature, req.weight).sum()
+            losses = position_losses(logits, labels, teacher, req.temperature, req.weight)
+            loss = losses.sum()
             (grad,) = torch.autograd.grad(loss, logits)
+        self._by_source(req, losses, labels, part)
         return loss.detach(), grad
+
+    @staticmethod
+    def _by_source(
+        req: HeadRequest, losses: torch.Tensor, labels: torch.Tensor, part: slice
+    ) -> None:
+        if req.by_source is not None and req.sources is not None:
+            add_by_source(req.by_source, losses, labels, req.sources.reshape(-1)[part])
 
     def _liger(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Liger's fused linear cross-entropy (its own chunking, gradients computed in
@@ -180,7 +194,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             part = slice(start, start + head.chunk)
             rows = hidden[part]
             chunk_teacher = None if teacher is None else teacher[part]
-            loss, grad = head.chunk_loss(rows, labels[part], chunk_teacher, req, with_grad)
+            loss, grad = head.chunk_loss(rows, labels[part], chunk_teacher, req, with_grad, part)
             total += loss
             if grad is None:
                 continue

@@ -42,10 +42,27 @@ def count_targets(batch: Batch) -> int:
     return int(target_mask(aligned_labels(batch["labels"])).sum())
 
 
+# Batch entries for bigft's loss, never for the model: the labels (bigft computes the
+# loss itself) and each token's source in a mixture (the per-source loss).
+NOT_MODEL_INPUTS = ("labels", "source_ids")
+
+
 def model_inputs(batch: Batch) -> Batch:
-    """The batch without its labels: what the model is called with (bigft computes the
-    loss itself)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The batch without the entries only bigft's loss reads: what the model is called
+    with."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+def add_by_source(
+    by_source: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor
+) -> None:
+    """Add per-position `losses` to `by_source` (2 x sources): row 0 the summed loss, row
+    1 the targets, of each source. `labels` and `sources` (each position's source, -1 for
+    none) are aligned with `losses`."""
+    mask = target_mask(labels).reshape(-1) & (sources.reshape(-1) >= 0)
+    picked = sources.reshape(-1)[mask]
+    by_source[0].index_add_(0, picked, losses.detach().reshape(-1)[mask].to(by_source.dtype))
+    by_source[1].index_add_(0, picked, torch.ones_like(picked, dtype=by_source.dtype))
 
 
 def logits_and_labels(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +154,8 @@ class HeadRequest:
     teacher: torch.Tensor | None  # (B, L, V) teacher logits, or None
     temperature: float
     weight: float
+    sources: torch.Tensor | None = None  # (B, L): the source of each target, -1 for none
+    by_source: torch.Tensor | None = None  # where the head adds each source's loss
     head: Any = None  # the head that answered (it has `fall_back(reason)`)
     output: torch.Tensor | None = None  # the (B, L, 1) losses it returned
     version: int = 0  # the output's version counter then (in-place edits raise it)
@@ -161,6 +180,7 @@ def causal_lm_loss_sum(
     teacher_logits: torch.Tensor | None = None,
     temperature: float = 2.0,
     weight: float = 0.0,
+    by_source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed causal-LM loss of one batch (token labels, -100 = not a target).
 
@@ -169,10 +189,15 @@ def causal_lm_loss_sum(
     the request its output is the loss per position, otherwise the full logits are scored.
     A model that changed the head's output after the module call cannot be scored from
     it: the head falls back to the full path for good and this batch runs again.
+    `by_source` (2 x sources), for a batch with `source_ids`: see `add_by_source`.
     """
     labels = batch["labels"]
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
     request = HeadRequest(targets, teacher_logits, temperature, weight)
+    if by_source is not None and "source_ids" in batch:
+        request.sources = F.pad(batch["source_ids"][:, 1:], (0, 1), value=-1)
+        request.by_source = by_source
+    saved = by_source.clone() if by_source is not None else None
     token = HEAD_REQUEST.set(request)
     try:
         logits = model(**model_inputs(batch), use_cache=False).logits
@@ -180,11 +205,16 @@ def causal_lm_loss_sum(
         HEAD_REQUEST.reset(token)
     if request.head is None:
         teacher = teacher_logits[:, :-1] if teacher_logits is not None else None
-        return position_losses(logits[:, :-1], labels[:, 1:], teacher, temperature, weight).sum()
+        losses = position_losses(logits[:, :-1], labels[:, 1:], teacher, temperature, weight)
+        if request.by_source is not None and request.sources is not None:
+            add_by_source(request.by_source, losses, labels[:, 1:], request.sources[:, :-1])
+        return losses.sum()
     if request.answered_by(logits):
-        return logits.sum()
+        return logits.sum()  # the head added each source's loss itself
     request.head.fall_back("the model transforms the lm_head's output after the module call")
-    return causal_lm_loss_sum(model, batch, teacher_logits, temperature, weight)
+    if by_source is not None and saved is not None:  # forget what the head added
+        by_source.copy_(saved)
+    return causal_lm_loss_sum(model, batch, teacher_logits, temperature, weight, by_source)
 
 
 def loss_sum(
@@ -193,6 +223,7 @@ def loss_sum(
     teacher: Any | None = None,
     temperature: float = 2.0,
     weight: float = 0.0,
+    by_source: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, number of targets) of one batch, for training and evaluation alike;
     with a teacher, the distillation mix (1 - weight) x task + weight x T^2 x KL.
@@ -208,7 +239,7 @@ def loss_sum(
         with torch.no_grad():
             teacher_logits = teacher(**model_inputs(batch), **extra).logits
     if causal:
-        loss = causal_lm_loss_sum(model, batch, teacher_logits, temperature, weight)
+        loss = causal_lm_loss_sum(model, batch, teacher_logits, temperature, weight, by_source)
         return loss, target_mask(aligned_labels(labels)).sum()
     logits = model(**model_inputs(batch)).logits
     loss = position_losses(logits, labels, teacher_logits, temperature, weight).sum()

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
 from datasets import Dataset
 
 from bigft.config import TrainSource
+from bigft.data.packing import SOURCE, row_lengths
 
-SOURCE = "source_id"
+__all__ = ["SOURCE", "SourceShare", "mix", "sources_of"]
 
 
 @dataclass
@@ -73,8 +73,7 @@ def mixture_indices(source_of_row: np.ndarray, sources: list[TrainSource], seed:
 def mix(train: Dataset, sources: list[TrainSource], seed: int) -> tuple[Dataset, list[SourceShare]]:
     """The training epoch's rows for data.train's `sources`, and each source's share."""
     source_of_row = sources_of(train)
-    lengths = pc.list_value_length(train.with_format("arrow")["input_ids"]).to_numpy()
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = row_lengths(train)
     indices = mixture_indices(source_of_row, sources, seed)
     shares = []
     for i, source in enumerate(sources):

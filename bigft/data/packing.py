@@ -14,16 +14,21 @@ token is ever predicted from another sequence, in either shape.
 from __future__ import annotations
 
 import bisect
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 
 from bigft.data.formats import IGNORE_INDEX
+
+# The column of a mixture's rows that holds the index of the row's source in data.train;
+# batches carry it per token as `source_ids` (-1 on padding) for the per-source loss.
+SOURCE = "source_id"
+PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "source_ids")
 
 
 def bin_pack(lengths: Sequence[int] | np.ndarray, seq_len: int) -> list[list[int]]:
@@ -59,19 +64,16 @@ def bin_pack(lengths: Sequence[int] | np.ndarray, seq_len: int) -> list[list[int
     return bins
 
 
-def _flat(
-    data: Dataset | Sequence[Mapping[str, Sequence[int]]], column: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, per-row lengths) of a list column, without a Python loop per token."""
-    if isinstance(data, Dataset):
-        array = data.with_format("arrow")[column]
-        array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-        return array.flatten().to_numpy(zero_copy_only=False), lengths.astype(np.int64)
-    rows = [np.asarray(row[column], dtype=np.int64) for row in data]
-    lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
-    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return flat, lengths
+def row_lengths(data: Dataset) -> np.ndarray:
+    """Tokens in each row of `data` (its `input_ids` lengths), read from the list offsets
+    of the underlying Arrow table: nothing is copied, even through a `select` view."""
+    column = data.data.column("input_ids")
+    chunks = [pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    lengths = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+    indices = data._indices  # a `select` view's mapping onto the table, if any
+    if indices is not None:
+        lengths = lengths[indices.column(0).to_numpy(zero_copy_only=False)]
+    return lengths
 
 
 def pack(
@@ -79,56 +81,108 @@ def pack(
     seq_len: int,
     seed: int,
     pad_token_id: int = 0,
-) -> Dataset:
+) -> PackedRows:
     """Pack variable-length rows (`input_ids`, `labels`) into rows of exactly `seq_len`.
 
-    Returns a Dataset with `input_ids`, `labels` and `position_ids`. Sequences are never
-    split; bins come from `bin_pack` and their order is shuffled with `seed`. The unused
-    tail of a row is `pad_token_id` with label -100 and its own position_ids from 0, so it
-    is a separate (ignored) sequence for attention too.
+    Returns `PackedRows`, whose rows have `input_ids`, `labels` and `position_ids`.
+    Sequences are never split; bins come from `bin_pack` and their order is shuffled with
+    `seed`. The unused tail of a row is `pad_token_id` with label -100 and its own
+    position_ids from 0, so it is a separate (ignored) sequence for attention too. Only
+    the plan is held (8 bytes a sequence); rows are assembled from `data` when read.
     """
-    ids, lengths = _flat(data, "input_ids")
-    labels, label_lengths = _flat(data, "labels")
-    if not np.array_equal(lengths, label_lengths):
-        raise ValueError("input_ids and labels differ in length in some row")
-    bins = bin_pack(lengths, seq_len)
+    if not isinstance(data, Dataset):
+        rows = list(data)
+        data = Dataset.from_dict(
+            {k: [list(r[k]) for r in rows] for k in ("input_ids", "labels")},
+            features=Features({k: List(Value("int32")) for k in ("input_ids", "labels")}),
+        )
+    bins = bin_pack(row_lengths(data), seq_len)
     bins = [bins[b] for b in np.random.default_rng(seed).permutation(len(bins))]
-    order = np.asarray([i for members in bins for i in members], dtype=np.int64)
-    bin_of = np.repeat(np.arange(len(bins)), [len(members) for members in bins])
+    members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+    bounds = np.zeros(len(bins) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in bins], out=bounds[1:])
+    return PackedRows(data, members, bounds, seq_len, pad_token_id)
 
-    seq_lengths = lengths[order]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]  # in the flat input
-    # Offset of each sequence inside its packed row: the running sum of lengths minus the
-    # running sum at the first sequence of its bin.
-    cstart = np.cumsum(seq_lengths) - seq_lengths
-    bin_first = np.searchsorted(bin_of, np.arange(len(bins)))  # bin_of is sorted
-    row_start = cstart - cstart[bin_first][bin_of]
-    within = np.arange(int(seq_lengths.sum())) - np.repeat(cstart, seq_lengths)
-    source = np.repeat(starts, seq_lengths) + within
-    target = np.repeat(bin_of * seq_len + row_start, seq_lengths) + within
 
-    out_ids = np.full(len(bins) * seq_len, pad_token_id, dtype=np.int32)
-    out_labels = np.full(len(bins) * seq_len, IGNORE_INDEX, dtype=np.int32)
-    column = np.tile(np.arange(seq_len), len(bins))
-    used = np.zeros(len(bins), dtype=np.int64)
-    np.add.at(used, bin_of, seq_lengths)
-    out_pos = (column - np.repeat(used, seq_len)).astype(np.int32)  # the tail restarts at 0
-    out_ids[target] = ids[source]
-    out_labels[target] = labels[source]
-    out_pos[target] = within
+class PackedRows:
+    """Rows of `seq_len` tokens made of whole sequences of `data`: packed row k holds
+    rows `members[bounds[k]:bounds[k + 1]]` of `data`, in that order, then the tail.
 
-    def rows(values: np.ndarray) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(values, type=pa.int32()), seq_len)
+    A map-style dataset (`len`, indexing, `__getitems__` for a loader's batch); rows read
+    the sequences from `data` (memory-mapped Arrow) when asked, so packing an epoch costs
+    no memory in proportion to its tokens. Rows of a mixture also carry `source_ids`, the
+    source of each token (-1 in the tail).
+    """
 
-    table = pa.table(
-        {"input_ids": rows(out_ids), "labels": rows(out_labels), "position_ids": rows(out_pos)}
-    )
-    # datasets would otherwise hash the whole table for its fingerprint (slow); the inputs
-    # and settings determine the output, so hash those.
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (ids, labels, lengths, np.asarray([seq_len, seed, pad_token_id])):
-        digest.update(np.ascontiguousarray(part).tobytes())
-    return Dataset(table, fingerprint=digest.hexdigest())
+    def __init__(
+        self, data: Dataset, members: np.ndarray, bounds: np.ndarray, seq_len: int, pad: int
+    ) -> None:
+        self.column_names = ["input_ids", "labels", "position_ids"]
+        read = ["input_ids", "labels"]
+        if SOURCE in data.column_names:
+            read.append(SOURCE)
+            self.column_names.append("source_ids")
+        self.data = data.with_format("arrow", columns=read)
+        self.members = members
+        self.bounds = bounds
+        self.seq_len = seq_len
+        self.pad_token_id = pad
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitems__(self, keys: Sequence[int]) -> list[dict[str, list[int]]]:
+        keys = [int(k) for k in keys]
+        if any(not 0 <= k < len(self) for k in keys):
+            raise IndexError(f"packed row index out of range 0..{len(self) - 1}")
+        counts = [int(self.bounds[k + 1] - self.bounds[k]) for k in keys]
+        picked = np.concatenate([self.members[self.bounds[k] : self.bounds[k + 1]] for k in keys])
+        table = self.data[picked.tolist()]
+        ids, lengths = _values(table.column("input_ids"))
+        labels, _ = _values(table.column("labels"))
+        sources = table.column(SOURCE).to_numpy() if SOURCE in table.column_names else None
+        out, seq, start = [], 0, 0
+        for count in counts:
+            sizes = lengths[seq : seq + count]
+            used = int(sizes.sum())
+            row_ids = np.full(self.seq_len, self.pad_token_id, dtype=np.int64)
+            row_labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
+            row_ids[:used] = ids[start : start + used]
+            row_labels[:used] = labels[start : start + used]
+            firsts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+            positions = np.concatenate([np.arange(used) - firsts, np.arange(self.seq_len - used)])
+            row = {
+                "input_ids": row_ids.tolist(),
+                "labels": row_labels.tolist(),
+                "position_ids": positions.tolist(),
+            }
+            if sources is not None:
+                row_sources = np.full(self.seq_len, -1, dtype=np.int64)
+                row_sources[:used] = np.repeat(sources[seq : seq + count], sizes)
+                row["source_ids"] = row_sources.tolist()
+            out.append(row)
+            seq, start = seq + count, start + used
+        return out
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            rows = self.__getitems__(range(len(self))[key])
+            return {name: [r[name] for r in rows] for name in self.column_names}
+        return self.__getitems__([key if key >= 0 else len(self) + key])[0]
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for start in range(0, len(self), 64):
+            yield from self.__getitems__(range(start, min(start + 64, len(self))))
+
+    def to_dict(self) -> dict[str, list[list[int]]]:
+        return self[:]
+
+
+def _values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, per-row lengths) of a list column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    return array.flatten().to_numpy(zero_copy_only=False), lengths
 
 
 def packing_efficiency(lengths: Sequence[int] | np.ndarray, seq_len: int) -> float:
@@ -155,7 +209,8 @@ class Collator:
     packed=True: rows already have equal length; stack input_ids, labels, position_ids (no
     attention_mask: isolation comes from position_ids); with `flatten` the B rows become
     one row of B x seq_len (see the module docstring). packed=False: right-pad to the
-    longest row in the batch, labels with -100, attention_mask 1 for real tokens.
+    longest row in the batch, labels with -100, attention_mask 1 for real tokens. Rows of
+    a mixture add `source_ids`, each token's source (-1 on padding).
     """
 
     def __init__(self, pad_token_id: int, packed: bool, flatten: bool = False) -> None:
@@ -163,9 +218,9 @@ class Collator:
         self.packed = packed
         self.flatten = flatten
 
-    def __call__(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if self.packed:
-            keys = ("input_ids", "labels", "position_ids")
+            keys = [k for k in PACKED_COLUMNS if k in rows[0]]
             batch = {k: torch.tensor([list(r[k]) for r in rows], dtype=torch.long) for k in keys}
             return {k: v.reshape(1, -1) for k, v in batch.items()} if self.flatten else batch
         width = max(len(r["input_ids"]) for r in rows)
@@ -174,9 +229,13 @@ class Collator:
             "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
         }
+        if SOURCE in rows[0]:
+            batch["source_ids"] = torch.full((len(rows), width), -1, dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             batch["input_ids"][i, :n] = torch.as_tensor(list(row["input_ids"]))
             batch["labels"][i, :n] = torch.as_tensor(list(row["labels"]))
             batch["attention_mask"][i, :n] = 1
+            if "source_ids" in batch:
+                batch["source_ids"][i, :n] = int(row[SOURCE])
         return batch

@@ -24,7 +24,7 @@ from bigft.config import DataConfig, TrainSource
 from bigft.data.clean import NearDuplicates, Screen, language_detector
 from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter
 from bigft.data.mixture import SOURCE
-from bigft.data.packing import bin_pack
+from bigft.data.packing import bin_pack, row_lengths
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError, RowError
 
@@ -144,7 +144,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
         )
     data_stats = DataStats(seq_len=seq_len, splits=stats)
     if cfg.packing:
-        lengths = _lengths(train)
+        lengths = row_lengths(train)
         bins = bin_pack(lengths, seq_len)
         data_stats.packed_rows = len(bins)
         data_stats.packing_efficiency = float(lengths.sum()) / (len(bins) * seq_len)
@@ -352,8 +352,3 @@ def _clean(
     stats.tokens = int(lengths.sum())
     stats.target_tokens = int(cols["kept_targets"][kept].sum())
     return ds.select(keep).remove_columns(_BOOKKEEPING), stats
-
-
-def _lengths(ds: Dataset) -> np.ndarray:
-    column = ds.with_format("arrow")["input_ids"]
-    return pc.list_value_length(column).to_numpy().astype(np.int64)

@@ -15,9 +15,10 @@ from bigft.loop.run import Run
 from bigft.losses import Batch, count_targets, loss_sum, target_mask
 
 
-def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[str, float]:
+def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches, handed over on the host. `log`:
-    the step's loss is logged (otherwise its "loss" is NaN unless the step was non-finite).
+    the step's loss is logged (otherwise its "loss" is NaN unless the step was non-finite),
+    and with a mixture of sources each source's (`source_losses`, by name).
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole
     step on all processes, so 4 micro-batches of 1 give the same update as 1 of 4
@@ -43,11 +44,17 @@ def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[s
     scale = (run.layout.grad_accum * acc.num_processes / counts[0].clamp(min=1.0)).float()
 
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
-    update: dict[str, float] = {}
+    # A mixture's loss per source: (summed loss, targets) of each, reduced when logged.
+    by_source = (
+        torch.zeros((2, len(run.mixture)), dtype=torch.float64, device=acc.device)
+        if log and len(run.mixture) > 1
+        else None
+    )
+    update: dict[str, Any] = {}
     for host_batch in micro_batches:
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in host_batch.items()}
         with acc.accumulate(model):
-            summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run))
+            summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run), by_source)
             if run.state.step + 1 in run.nonfinite_steps:  # a test's fault (bigft.faults)
                 summed = summed * float("nan")
             acc.backward(summed * scale)
@@ -57,6 +64,13 @@ def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[s
     # A skipped step still advances the schedule: lr stays a function of the step number,
     # the same whether or not a run was interrupted and resumed.
     run.scheduler.step()
+    if by_source is not None:
+        sums, targets = acc.reduce(by_source, reduction="sum").tolist()
+        update["source_losses"] = {
+            share.name: total / count
+            for share, total, count in zip(run.mixture, sums, targets, strict=True)
+            if count > 0
+        }
     return {**update, "lr": lr}
 
 

@@ -91,6 +91,8 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
                     "mem_mib": peak_memory_mib(acc),
                     "skipped_steps": state.skipped_steps,
                 }
+                for name, loss in stats.get("source_losses", {}).items():
+                    record[f"loss/{name}"] = round(loss, 6)
                 run.metrics.write(record)
                 progress.update(
                     task,

@@ -229,5 +229,53 @@ def test_a_mixture_trains_and_reports_each_source(tiny_base: Path, tmp_path: Pat
     ) / (last["eval_tokens/upper"] + last["eval_tokens/reverse"])
     assert last["eval_loss"] == pytest.approx(weighted, rel=1e-9)
     assert last["eval_tokens"] == last["eval_tokens/upper"] + last["eval_tokens/reverse"]
+    steps = [r for r in read_metrics(run.output_dir) if "loss" in r and "split" not in r]
+    assert len(steps) == 4
+    for record in steps:  # the step's loss is the targets-weighted mean of the sources'
+        low, high = sorted((record["loss/upper"], record["loss/reverse"]))
+        assert low - 1e-6 <= record["loss"] <= high + 1e-6
     saved = json.loads((run.output_dir / "summary.json").read_text())
     assert saved["mixture"][1]["epoch_rows"] == reverse.epoch_rows
+
+
+@pytest.mark.parametrize(("packed", "impl"), [(True, "full"), (False, "full"), (True, "chunked")])
+def test_the_loss_of_each_source_is_its_rows_loss_alone(packed: bool, impl: str) -> None:
+    """One batch mixing two sources: each source's share of the summed loss and targets
+    is exactly what its own rows give when scored alone, from full logits or inside the
+    lm_head by chunks (smaller than a row, so sources meet inside a chunk)."""
+    import torch
+    from datasets import Dataset
+
+    from bigft.data.packing import Collator, pack
+    from bigft.losses import loss_sum
+    from bigft.tiny import build_tiny_llama
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, length in enumerate(rng.integers(5, 20, size=8)):
+        ids = rng.integers(4, 100, size=int(length)).tolist()
+        labels = [IGNORE_INDEX] * 3 + ids[3:]
+        rows.append({"input_ids": ids, "labels": labels, "source_id": i % 2})
+    model = build_tiny_llama(vocab_size=100, seed=0).eval()
+    if impl == "chunked":
+        from bigft.chunked_loss import prepare_loss
+
+        assert prepare_loss(model, "chunked", 16)["loss_impl"] == "chunked"
+    collate = Collator(pad_token_id=0, packed=packed)
+
+    def batch_of(selected: list[dict[str, Any]]) -> dict[str, Any]:
+        if packed:
+            return collate(list(pack(Dataset.from_list(selected), 64, seed=0)))
+        return collate(selected)
+
+    by_source = torch.zeros((2, 2), dtype=torch.float64)
+    with torch.no_grad():
+        total, targets = loss_sum(model, batch_of(rows), by_source=by_source)
+        assert by_source[1].min() > 0
+        assert by_source[0].sum().item() == pytest.approx(total.item(), rel=1e-6)
+        assert by_source[1].sum().item() == targets.item()
+        for source in (0, 1):
+            alone = [r for r in rows if r["source_id"] == source]
+            own, own_targets = loss_sum(model, batch_of(alone))
+            assert by_source[0, source].item() == pytest.approx(own.item(), rel=1e-5)
+            assert by_source[1, source].item() == own_targets.item()
