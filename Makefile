@@ -21,15 +21,15 @@ demo: install
 test: install-dev
 	$(PYTHON) -m pytest -q
 
-test-fast:
+test-fast: install-dev
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint:
-	ruff check bigft tests
-	ruff format --check bigft tests
+	$(PYTHON) -m ruff check bigft tests bench
+	$(PYTHON) -m ruff format --check bigft tests bench
 
 typecheck:
-	mypy
+	$(PYTHON) -m mypy
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

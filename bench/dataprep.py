@@ -44,7 +44,7 @@ largest single process's RSS:
    format against TRL's conversational prompt / completion.
 
 On 2 busy CPU cores, --rows 20000 --chat-rows 5000 took ~6 minutes and --rows 200000
---chat-rows 50000 23 minutes; the default million rows (~100M tokens) takes 1.5-2 hours.
+--chat-rows 50000 23 minutes; the default million rows (~100M tokens) took 35 minutes.
 
 Prints markdown tables and the figures as JSON (also to --json). Figures go to
 bench/RESULTS.md.

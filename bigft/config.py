@@ -230,7 +230,8 @@ class DataConfig(Section):
     train: PathStr | list[PathStr | TrainSource] = Field(
         description="Training data: .jsonl/.json/.csv/.parquet file(s), a directory saved "
         "with Dataset.save_to_disk, or 'hub:NAME' (needs network). Relative paths resolve "
-        "against the config file's directory. A list entry may be a mapping {path, name, "
+        "against the config file's directory (against the working directory when given on "
+        "the command line). A list entry may be a mapping {path, name, "
         "format, text_field, weight | epochs}: a mixture of sources, each with its own "
         "format and share of every epoch."
     )
@@ -853,7 +854,11 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 class LoggingConfig(Section):
     """Console logging and experiment trackers (metrics.jsonl is always written)."""
 
-    progress_bar: bool = Field(True, description="Rich progress bar on the main process.")
+    progress_bar: bool = Field(
+        True,
+        description="Rich progress bar on the main process in a terminal; false, or output "
+        "to a file (Slurm, nohup, CI), prints one plain line per logged step instead.",
+    )
     trackers: list[Tracker] | Literal["auto"] = Field(
         "auto",
         description="Experiment trackers that receive every metric: tensorboard, wandb, "
@@ -1036,7 +1041,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 
 class HardwareConfig(Section):
     """The machines a config is written for. `bigft plan CONFIG` plans for them when no
-    --gpu / --gpus-per-node / --nodes is given; training itself runs on what it finds."""
+    --gpu / --gpus-per-node / --nodes is given; training itself runs on what it finds
+    (`train.micro_batch_size: auto` plans for the CUDA device it sees, for hardware.gpu
+    when it sees none)."""
 
     gpu: str | None = Field(
         None,
@@ -1113,7 +1120,8 @@ class Config(Section):
     )
     output_dir: PathStr = Field(
         description="Run directory: resolved config, metrics, checkpoints, final model. "
-        "Relative paths resolve against the current directory; ~ is your home."
+        "A relative path in the config file resolves against the file's folder, one given "
+        "on the command line (output_dir=...) against the working directory; ~ is your home."
     )
 
     @model_validator(mode="after")

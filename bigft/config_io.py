@@ -2,9 +2,10 @@
 error messages that name the file, line or override to fix.
 
 A key written twice, a file that is not UTF-8 text, an override of a section by a plain
-value: each is one line naming where it is. Relative data and model paths resolve
-against the config file's directory, `~` against the home directory. `dump_config`
-writes the resolved config with secrets redacted.
+value: each is one line naming where it is. Relative paths written in the file resolve
+against its folder, those given as overrides against the working directory (`PATH_RULE`);
+`~` is the home directory. `dump_config` writes the resolved config with secrets
+redacted; `show_config` adds what `bigft config show` explains.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import difflib
 import os
 import re
 import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -150,7 +152,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         first = _format_error(error, str(path), lines, overridden)
         more = f" (and {problems - 1} more problem(s))" if problems > 1 else ""
         raise ConfigError(first + more) from None
-    _resolve_paths(config, path.parent)
+    _resolve_paths(config, _PathRule(path, lines, overridden))
     return config
 
 
@@ -160,55 +162,100 @@ def _expand(value: str) -> str:
     return value if value.startswith("hub:") else os.path.expanduser(value)
 
 
-def _resolve(value: str, base: Path) -> str:
-    value = _expand(value)
-    if value.startswith("hub:") or Path(value).is_absolute():
-        return value
-    candidate = base / value
-    return str(candidate) if candidate.exists() or not Path(value).exists() else value
+PATH_RULE = (
+    "relative paths written in a config file resolve against the file's folder; "
+    "relative paths given as key=value on the command line, against the working directory"
+)
 
 
-def _resolve_paths(config: Config, base: Path) -> None:
-    """Data paths, and model directories that exist there, are relative to the config
-    file, like includes; output_dir and the rest to the current directory. `~` is
-    expanded in every path."""
-    data = config.data
-    data.train = [
-        _resolve(e, base)
-        if isinstance(e, str)
-        else e.model_copy(update={"path": _resolve(e.path, base)})
-        for e in ([data.train] if isinstance(data.train, str) else data.train)
-    ]
-    if data.validation:
-        data.validation = _resolve(data.validation, base)
-    if data.test:
-        data.test = _resolve(data.test, base)
-    models: tuple[tuple[Section, str], ...] = (
-        (config.model, "name_or_path"),
-        (config.model, "tokenizer"),
-        (config.distill, "teacher"),
-    )
-    for section, attr in models:
-        value = getattr(section, attr)
-        if not value:
-            continue
+# `name` or `org/name`: what the hub accepts as a model id. `./x`, `../x` and deeper paths
+# are never hub ids.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """Whether a model name could be a hub id (`gpt2`, `meta-llama/Llama-3.1-8B`)."""
+    return bool(_HUB_ID.fullmatch(value)) and ".." not in value
+
+
+# input: must exist (data, a checkpoint); output: made by the run; model: a directory or,
+# when it names none, a hub id; name: a file, or a name bigft ships (accelerate configs);
+# command: a program, looked up on PATH unless it holds a '/'.
+PathKind = Literal["input", "output", "model", "name", "command"]
+
+
+@dataclass(frozen=True)
+class _PathRule:
+    """Where one config's relative paths point: the config file's folder for values
+    written in the file, the working directory for command-line overrides."""
+
+    source: Path
+    lines: dict[tuple[str, ...], int]
+    overridden: set[tuple[str, ...]]
+
+    def from_command_line(self, key: tuple[str, ...]) -> bool:
+        return any(key[:n] in self.overridden for n in range(1, len(key) + 1))
+
+    def resolve(self, key: tuple[str, ...], value: str, kind: PathKind = "input") -> str:
+        """`value` as an absolute path, or unchanged when it is not a path (a hub id, a
+        shipped name, a program on PATH)."""
         value = _expand(value)
-        if not Path(value).is_absolute() and (base / value).exists():
-            value = str(base / value)
-        setattr(section, attr, value)
-    config.output_dir = _expand(config.output_dir)
-    if config.train.resume not in ("auto", "never"):
-        config.train.resume = _expand(config.train.resume)
-    others: tuple[tuple[Section, str], ...] = (
-        (config.parallel, "deepspeed_config"),
-        (config.slurm, "accelerate_config"),
-        (config.slurm, "setup_script"),
-        (config.slurm, "python"),
-        (config.data, "prepared_dir"),
+        if value.startswith("hub:") or Path(value).is_absolute():
+            return value
+        if kind == "command" and "/" not in value:
+            return value
+        on_cli = self.from_command_line(key)
+        base = Path.cwd() if on_cli else self.source.absolute().parent
+        here = Path(os.path.abspath(base / value))
+        if here.exists() or kind == "output":
+            return str(here)
+        if kind == "name":
+            return value
+        cwd_copy = Path(os.path.abspath(value))
+        if not on_cli and kind != "command" and cwd_copy.exists() and cwd_copy != here:
+            where = _where(key, str(self.source), self.lines, self.overridden)
+            raise ConfigError(
+                f"{where}: {here} does not exist ('{value}' is read from the config file's "
+                f"folder, not from the working directory, where {cwd_copy} exists); write "
+                f"the path relative to {base} or absolute, or pass it on the command "
+                f"line ({'.'.join(key)}={value})"
+            )
+        if kind == "model" and looks_like_hub_id(value):
+            return value
+        return str(here)
+
+
+def _resolve_paths(config: Config, rule: _PathRule) -> None:
+    """Every path of the config as an absolute path, by `PATH_RULE`; `~` is the home
+    directory in every path."""
+    data = config.data
+    train = [data.train] if isinstance(data.train, str) else data.train
+    data.train = [
+        rule.resolve(("data", "train"), e)
+        if isinstance(e, str)
+        else e.model_copy(update={"path": rule.resolve(("data", "train"), e.path)})
+        for e in train
+    ]
+    paths: tuple[tuple[str, str, PathKind], ...] = (
+        ("data", "validation", "input"),
+        ("data", "test", "input"),
+        ("data", "prepared_dir", "output"),
+        ("model", "name_or_path", "model"),
+        ("model", "tokenizer", "model"),
+        ("distill", "teacher", "model"),
+        ("parallel", "deepspeed_config", "input"),
+        ("slurm", "accelerate_config", "name"),
+        ("slurm", "setup_script", "input"),
+        ("slurm", "python", "command"),
     )
-    for section, attr in others:
-        if getattr(section, attr):
-            setattr(section, attr, _expand(getattr(section, attr)))
+    for name, attr, kind in paths:
+        section: Section = getattr(config, name)
+        value = getattr(section, attr)
+        if value:
+            setattr(section, attr, rule.resolve((name, attr), value, kind))
+    config.output_dir = rule.resolve(("output_dir",), config.output_dir, "output")
+    if config.train.resume not in ("auto", "never"):
+        config.train.resume = rule.resolve(("train", "resume"), config.train.resume)
 
 
 # An environment variable whose name has a part ending in KEY, TOKEN, SECRET or PASSWORD
@@ -256,3 +303,33 @@ def dump_config(config: Config) -> str:
     """The fully resolved config as YAML (what is written to the run directory), with
     secrets redacted (see `redacted_config`)."""
     return yaml.safe_dump(redacted_config(config), sort_keys=False, allow_unicode=True)
+
+
+# What parallel.strategy means when a config leaves it unset (see
+# `bigft.engine.accelerator.adopt_launcher_strategy`).
+LAUNCHER_STRATEGY = (
+    "unset: the launcher decides; accelerate launch with a DeepSpeed or FSDP config runs "
+    "that engine (zero1-3, fsdp2), torchrun / bigft launch / accelerate multi-GPU run ddp "
+    "over their processes, plain `bigft train` runs one process (no data parallelism)"
+)
+
+
+def show_config(config: Config, source: Path) -> str:
+    """`bigft config show`: the resolved config as YAML under comment lines stating how
+    its relative paths were resolved; a parallel.strategy the config leaves unset says
+    what decides it instead of showing the default as a choice."""
+    header = [
+        f"# {PATH_RULE}.",
+        f"# config file's folder: {Path(source).expanduser().absolute().parent}",
+        f"# working directory: {Path.cwd()}",
+    ]
+    lines = dump_config(config).splitlines()
+    if "strategy" not in config.parallel.model_fields_set:
+        section = ""
+        for i, line in enumerate(lines):
+            if not line.startswith(" "):
+                section = line.partition(":")[0]
+            elif section == "parallel" and line.startswith("  strategy: "):
+                lines[i] = f"{line}  # {LAUNCHER_STRATEGY}"
+                break
+    return "\n".join([*header, *lines]) + "\n"

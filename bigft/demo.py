@@ -7,9 +7,13 @@ instruction data (string transformations of unseen words) ships with the package
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +74,29 @@ def _plan_table(run: Any) -> Table:
         f"{run.layout.grad_accum} x {run.layout.world_size} process(es)",
     )
     table.add_row("steps", str(run.total_steps))
+    table.add_row("compute threads", _threads_text())
     return table
+
+
+def _threads_text() -> str:
+    import torch
+
+    source = (
+        "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "set OMP_NUM_THREADS to change"
+    )
+    return f"{torch.get_num_threads()} ({source})"
+
+
+def use_one_thread_unless_asked() -> None:
+    """One compute thread unless OMP_NUM_THREADS says otherwise. The demo's model is
+    small: on an idle 2-core machine two threads train faster but the whole demo takes
+    about as long (generation runs token by token), while on a busy machine threads wait
+    on cores other jobs hold and training ran 2.8x slower with two than with one
+    (bench/demo_busy.py)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def _clear_previous_demo(output_dir: Path, console: Console) -> None:
@@ -94,14 +120,15 @@ def _clear_previous_demo(output_dir: Path, console: Console) -> None:
 def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Make the base model, score it, fine-tune, score again, export, show generations."""
     from bigft.config_io import load_config
-    from bigft.eval.metrics import exact_match
-    from bigft.eval.split import generation_examples
+    from bigft.eval.during_training import evaluate_run
     from bigft.loop.setup import setup
     from bigft.loop.train import train
     from bigft.tiny import save_tiny_base
 
-    # The config (with the user's overrides) is checked before anything is touched.
-    base_dir = output_dir / "base-model"
+    # The config (with the user's overrides) is checked before anything is touched. The
+    # base model does not exist yet: an absolute path keeps a short relative one (`-o demo`
+    # gives `demo/base-model`) from being read as a hub id.
+    base_dir = output_dir.absolute() / "base-model"
     cfg = load_config(
         DEMO_CONFIG,
         [
@@ -114,33 +141,24 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     )
     if output_dir.exists() and not output_dir.is_dir():
         raise BigftError(f"--output-dir {output_dir} is a file; choose a directory path")
+    use_one_thread_unless_asked()
     _clear_previous_demo(output_dir, console)
     save_tiny_base(base_dir, **BASE_MODEL)
     run = setup(cfg, console)
     console.print(_plan_table(run))
 
-    gen = cfg.eval.generate
-    test_rows = run.data.test
-    assert test_rows is not None, "the demo config names a test file"
-    examples = generation_examples(test_rows, run.tokenizer, len(test_rows))
-
-    def score() -> dict[str, Any]:
-        return exact_match(
-            run.model,
-            run.tokenizer,
-            examples,
-            gen.max_new_tokens,
-            gen.batch_size,
-            run.accelerator.device,
-        )
-
-    before = score()
+    # One definition of the demo's score everywhere (this output, metrics.jsonl,
+    # summary.json, the report, `bigft eval`): the test split's exact match over
+    # eval.generate.num_examples rows, which the demo config sets to all of them.
+    assert run.data.test is not None, "the demo config names a test file"
+    rows = min(cfg.eval.generate.num_examples, len(run.data.test))
+    before = evaluate_run(run, "test")  # logged at step 0, like any evaluation
     console.print(
-        f"exact match on {len(examples)} held-out rows before fine-tuning: "
+        f"exact match on the {rows} held-out test rows before fine-tuning: "
         f"{before['exact_match']:.1%}"
     )
     summary = train(run)
-    after = score()
+    after = summary["test"]
 
     table = Table(title="held-out generations (after fine-tuning)")
     for column in ("prompt", "reference", "prediction"):
@@ -159,6 +177,28 @@ def run_demo(output_dir: Path, overrides: list[str], console: Console) -> dict[s
     (output_dir / "demo_summary.json").write_text(json.dumps(result, indent=2))
     console.print(
         f"[bold]exact match {result['exact_match_before']:.1%} -> "
-        f"{result['exact_match_after']:.1%}[/] on held-out rows; model in {result['final_model']}"
+        f"{result['exact_match_after']:.1%}[/] on the {rows} held-out test rows "
+        f"(summary.json test.exact_match); model in {result['final_model']}"
     )
     return result
+
+
+@contextlib.contextmanager
+def demo_base_for_preview(config: Path, cfg: Any, console: Console) -> Iterator[Any]:
+    """The demo's config previews without running the demo first: its base model (made
+    by `bigft demo`) is made in a temporary folder for as long as the block runs."""
+    same = config.resolve() == DEMO_CONFIG.resolve()
+    if not same or Path(cfg.model.name_or_path).is_dir():
+        yield cfg
+        return
+    from bigft.tiny import save_tiny_base
+
+    with tempfile.TemporaryDirectory(prefix="bigft-demo-base-") as tmp:
+        save_tiny_base(Path(tmp), **BASE_MODEL)
+        console.print(
+            "the demo's base model is made by `bigft demo`; previewing with a fresh copy of "
+            "it (its character tokenizer)",
+            highlight=False,
+        )
+        model = cfg.model.model_copy(update={"name_or_path": tmp})
+        yield cfg.model_copy(update={"model": model})

@@ -118,7 +118,7 @@ def acquire(out: Path) -> str | None:
     note = None
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask
         except FileExistsError:
             try:
                 record = json.loads(path.read_text())

@@ -13,10 +13,27 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from bigft._compat import quiet_upstream_noise
 from bigft.errors import BigftError
 
-console = Console(stderr=True)
-out = Console()
+quiet_upstream_noise()  # before any command imports deepspeed, bitsandbytes or torch
+
+UNWRAPPED_WIDTH = 10_000  # columns of a console writing to a file: no line is that long
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console. Written to a file (a Slurm log, nohup, CI) instead of a terminal,
+    it does not wrap lines at rich's 80 columns: tables keep their natural width and
+    text its lines (unless COLUMNS is set)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.soft_wrap = True
+        console.width = UNWRAPPED_WIDTH
+    return console
+
+
+console = _console(stderr=True)
+out = _console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 

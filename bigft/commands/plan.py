@@ -17,6 +17,8 @@ import typer
 from bigft.commands.common import user_errors
 from bigft.errors import BigftError
 
+DEFAULT_GPU = "h100-80"  # planned for when neither --gpu / --gpu-mem nor hardware.gpu names one
+
 
 @user_errors
 def plan(
@@ -110,7 +112,15 @@ def plan(
     if max_seq_len and seq_len is not None:
         raise BigftError("pass --seq-len or --max-seq-len (which finds it), not both")
     named = planned_gpu(cfg) if gpu is None and gpu_mem is None else None  # hardware.gpu
-    card = custom_gpu(gpu_mem) if gpu_mem is not None else named or get_gpu(gpu or "h100-80")
+    card = custom_gpu(gpu_mem) if gpu_mem is not None else named or get_gpu(gpu or DEFAULT_GPU)
+    if gpu_mem is not None:
+        source = "--gpu-mem"
+    elif gpu is not None:
+        source = "--gpu"
+    elif named is not None:
+        source = "from hardware.gpu in the config"
+    else:
+        source = f"default: {DEFAULT_GPU}; set hardware.gpu or pass --gpu"
     work = workload_from_config(
         cfg,
         model=model,
@@ -149,12 +159,17 @@ def plan(
         grad_accum=getattr(train, "grad_accum", None),
         cpu_mem_gib=cpu_mem,
     )
-    if gpu is None and gpu_mem is None and named is None:
-        report.notes.append("no --gpu given and no hardware.gpu in the config: planned for h100-80")
-    if cfg is not None and cfg.task != "causal_lm":
+    report.gpu_source = source
+    labels = work.arch.num_labels
+    if cfg is not None and labels is not None:
+        listed = (
+            ""
+            if cfg.task == "regression" or cfg.data.label_names
+            else " (unlisted: set data.label_names)"
+        )
         report.notes.append(
-            f"task {cfg.task} planned as a causal LM: an upper bound (the classification "
-            "head's logits are a few per row, not a vocabulary per token)"
+            f"task {cfg.task}: a sequence head of {labels} output(s){listed} in place of "
+            "the LM head; its logits are micro-batch x seq x outputs"
         )
     if longest is not None:
         report.simulated = longest.sim_result

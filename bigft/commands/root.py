@@ -153,9 +153,11 @@ def data_preview(
     quiet_libraries()
     from bigft.data import prepare_data
     from bigft.data.preview import preview
+    from bigft.demo import demo_base_for_preview
     from bigft.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
+    with demo_base_for_preview(config, cfg, out) as cfg:
+        tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
     preview(prepared, tokenizer, out, n=num)
 
@@ -173,23 +175,27 @@ def data_prepare(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRI
         raise BigftError("data.cache is false: nothing is kept to prepare (set data.cache=true)")
     quiet_libraries()
     from bigft.data.prepared import preparation_text, prepared_for_task
-    from bigft.data.preview import stats_table
+    from bigft.data.preview import removal_report, stats_table
     from bigft.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     prepared, _, preparation = prepared_for_task(cfg, tokenizer)
     out.print(stats_table(prepared))
+    for name, stats in prepared.stats.splits.items():
+        for line in removal_report(name, stats):
+            out.print(line, soft_wrap=True)
     out.print(preparation_text(preparation), highlight=False, soft_wrap=True)
 
 
 @config_app.command("show")
 @user_errors
 def config_show(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
-    """Print the fully resolved config (defaults filled in, overrides applied)."""
-    from bigft.config_io import dump_config, load_config
+    """Print the fully resolved config (defaults filled in, overrides applied, paths
+    absolute)."""
+    from bigft.config_io import load_config, show_config
 
     cfg = load_config(config, checked_overrides(overrides))
-    out.print(dump_config(cfg), highlight=False, end="")
+    out.print(show_config(cfg, config), highlight=False, end="", markup=False, soft_wrap=True)
 
 
 @app.command(context_settings={"allow_extra_args": False})

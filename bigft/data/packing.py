@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,11 +77,37 @@ def row_lengths(data: Dataset) -> np.ndarray:
     return lengths
 
 
+@dataclass(frozen=True)
+class PackingPlan:
+    """`bin_pack`'s bins as arrays: bin k holds rows `members[bounds[k]:bounds[k + 1]]`."""
+
+    members: np.ndarray
+    bounds: np.ndarray
+
+    @classmethod
+    def of(cls, lengths: Sequence[int] | np.ndarray, seq_len: int) -> PackingPlan:
+        bins = bin_pack(lengths, seq_len)
+        members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+        bounds = np.zeros(len(bins) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in bins], out=bounds[1:])
+        return cls(members, bounds)
+
+    def shuffled(self, seed: int) -> PackingPlan:
+        """The same bins in an order drawn from `seed`."""
+        order = np.random.default_rng(seed).permutation(len(self.bounds) - 1)
+        sizes = np.diff(self.bounds)[order]
+        bounds = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        offsets = np.repeat(self.bounds[order] - bounds[:-1], sizes)
+        return PackingPlan(self.members[offsets + np.arange(int(bounds[-1]))], bounds)
+
+
 def pack(
     data: Dataset | Sequence[Mapping[str, Sequence[int]]],
     seq_len: int,
     seed: int,
     pad_token_id: int = 0,
+    plan: PackingPlan | None = None,
 ) -> PackedRows:
     """Pack variable-length rows (`input_ids`, `labels`) into rows of exactly `seq_len`.
 
@@ -89,6 +116,7 @@ def pack(
     `seed`. The unused tail of a row is `pad_token_id` with label -100 and its own
     position_ids from 0, so it is a separate (ignored) sequence for attention too. Only
     the plan is held (8 bytes a sequence); rows are assembled from `data` when read.
+    `plan`: these rows' bins, made before (`PreparedData.train_plan`).
     """
     if not isinstance(data, Dataset):
         rows = list(data)
@@ -96,12 +124,8 @@ def pack(
             {k: [list(r[k]) for r in rows] for k in ("input_ids", "labels")},
             features=Features({k: List(Value("int32")) for k in ("input_ids", "labels")}),
         )
-    bins = bin_pack(row_lengths(data), seq_len)
-    bins = [bins[b] for b in np.random.default_rng(seed).permutation(len(bins))]
-    members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
-    bounds = np.zeros(len(bins) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in bins], out=bounds[1:])
-    return PackedRows(data, members, bounds, seq_len, pad_token_id)
+    plan = (plan or PackingPlan.of(row_lengths(data), seq_len)).shuffled(seed)
+    return PackedRows(data, plan.members, plan.bounds, seq_len, pad_token_id)
 
 
 class PackedRows:

@@ -22,9 +22,10 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets
 from bigft import __version__
 from bigft.config import DataConfig, TrainSource
 from bigft.data.clean import NearDuplicates, Screen, language_detector
+from bigft.data.dedup import ExactDuplicates
 from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter
 from bigft.data.mixture import SOURCE
-from bigft.data.packing import bin_pack, row_lengths
+from bigft.data.packing import PackingPlan, row_lengths
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError, RowError
 
@@ -39,7 +40,7 @@ _FEATURES = Features(
         "length": Value("int32"),  # before truncation
         "targets": Value("int32"),  # target tokens before truncation
         "kept_targets": Value("int32"),  # target tokens after truncation
-        "digest": Value("string"),  # of ids + labels, for exact-duplicate detection
+        "digest": Value("binary"),  # 16 bytes of ids + labels, for exact duplicates
         "source": Value("string"),  # the file, and
         "row": Value("int64"),  # the row's index in it, for the removal report
     }
@@ -88,6 +89,7 @@ class PreparedData:
     validation: Dataset | None
     test: Dataset | None
     stats: DataStats
+    train_plan: PackingPlan | None = None  # the train rows' bins, with data.packing
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> PreparedData:
@@ -124,7 +126,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
     # dropped from validation/test, never from train, so evaluation never sees train rows.
     # The near-duplicate index (made before anything is read, so that a missing package
     # is said at once) is shared the same way, over the splits in that order.
-    seen: set[str] = set()
+    seen = ExactDuplicates([parts[name] for name in SPLITS if name in parts])
     cleaned: dict[str, Dataset | None] = {}
     stats: dict[str, SplitStats] = {}
     for name in SPLITS:
@@ -133,6 +135,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
         cleaned[name], stats[name] = _clean(
             parts[name], sources[name], seen, near, seq_len, cfg, tokenizer
         )
+        seen.next_split()
     train = cleaned["train"]
     if train is None:
         s = stats["train"]
@@ -143,12 +146,14 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
             "data.languages, data.near_duplicates if set)"
         )
     data_stats = DataStats(seq_len=seq_len, splits=stats)
+    plan = None
     if cfg.packing:
         lengths = row_lengths(train)
-        bins = bin_pack(lengths, seq_len)
-        data_stats.packed_rows = len(bins)
-        data_stats.packing_efficiency = float(lengths.sum()) / (len(bins) * seq_len)
-    return PreparedData(train, cleaned.get("validation"), cleaned.get("test"), data_stats)
+        plan = PackingPlan.of(lengths, seq_len)
+        data_stats.packed_rows = len(plan.bounds) - 1
+        data_stats.packing_efficiency = float(lengths.sum()) / (data_stats.packed_rows * seq_len)
+    validation, test = cleaned.get("validation"), cleaned.get("test")
+    return PreparedData(train, validation, test, data_stats, plan)
 
 
 def assemble_splits(
@@ -286,7 +291,7 @@ def tokenize_batch(
         digest = hashlib.blake2b(
             np.asarray(ids, dtype=np.int32).tobytes() + np.asarray(labels, np.int32).tobytes(),
             digest_size=16,
-        ).hexdigest()
+        ).digest()
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["error"].append(error)
@@ -302,7 +307,7 @@ def tokenize_batch(
 def _clean(
     ds: Dataset,
     source: str,
-    seen: set[str],
+    seen: ExactDuplicates,
     near: NearDuplicates | None,
     seq_len: int,
     cfg: DataConfig,
@@ -312,19 +317,19 @@ def _clean(
     in another language and near-duplicates of kept rows; count what was dropped and
     truncated, with a few examples of each reason."""
     stats = SplitStats(source=source, rows_loaded=len(ds))
-    cols = ds.select_columns(_BOOKKEEPING[:4]).with_format("numpy")[:]
+    cols = ds.select_columns(_BOOKKEEPING[:3]).with_format("numpy")[:]
     # Truncation that cuts away every target (a prompt longer than seq_len) is as useless
     # as a dropped row.
     too_long = (cols["length"] > seq_len) & ((cfg.overlong == "drop") | (cols["kept_targets"] == 0))
     too_short = cols["length"] < cfg.min_tokens
     candidates = (cols["targets"] > 0) & ~too_long & ~too_short
     screen = Screen(ds, near, cfg, tokenizer, seq_len, candidates)
-    keep: list[int] = []
-    for i, (targets, digest) in enumerate(zip(cols["targets"], cols["digest"], strict=True)):
+    kept_mask = np.zeros(len(ds), dtype=bool)
+    for i, targets in enumerate(cols["targets"].tolist()):
         reason: str | None
         if targets == 0:
             reason = "empty"
-        elif cfg.drop_duplicates and digest in seen:
+        elif cfg.drop_duplicates and i in seen:
             reason = "duplicate"
         elif too_long[i]:
             reason = "too_long"
@@ -333,17 +338,17 @@ def _clean(
         else:
             reason = screen.verdict(i)
         if reason is None:
-            keep.append(i)
-            seen.add(digest)
+            kept_mask[i] = True
+            seen.add(i)
             screen.keep(i)
             stats.truncated += int(cols["length"][i] > seq_len)
             continue
         stats.dropped[reason] += 1
         screen.example(stats.removed, reason, i)
-    stats.rows_kept = len(keep)
-    if not keep:
+    kept = np.flatnonzero(kept_mask)
+    stats.rows_kept = len(kept)
+    if not len(kept):
         return None, stats
-    kept = np.asarray(keep)
     lengths = np.minimum(cols["length"][kept], seq_len)
     stats.length_p50, stats.length_p90, stats.length_p99 = (
         int(np.percentile(lengths, q, method="nearest")) for q in (50, 90, 99)
@@ -351,4 +356,4 @@ def _clean(
     stats.length_max = int(lengths.max())
     stats.tokens = int(lengths.sum())
     stats.target_tokens = int(cols["kept_targets"][kept].sum())
-    return ds.select(keep).remove_columns(_BOOKKEEPING), stats
+    return ds.select(kept).remove_columns(_BOOKKEEPING), stats

@@ -38,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset
 
 from bigft import __version__
 from bigft.config import Config, DataConfig
+from bigft.data.packing import PackingPlan
 from bigft.data.pipeline import SPLITS, DataStats, PreparedData, SplitStats
 from bigft.errors import DataError
 from bigft.rundir import process_alive
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 STALE_S = 120.0  # a lock not touched for this long, by a process on another host, is dead
 HEARTBEAT_S = 10.0
 POLL_S = 0.5
-_STATS, _LABELS = "stats.json", "labels.json"
+_STATS, _LABELS, _PLAN = "stats.json", "labels.json", "train_plan.npz"
 Prepared = tuple[PreparedData, list[str] | None]
 
 
@@ -250,6 +252,9 @@ def _write(final: Path, data: PreparedData, labels: list[str] | None) -> None:
             split.save_to_disk(str(tmp / name))
     (tmp / _STATS).write_text(json.dumps(data.stats.to_dict(), indent=2))
     (tmp / _LABELS).write_text(json.dumps(labels))
+    if data.train_plan is not None:  # a run starts without packing the rows again
+        plan = data.train_plan
+        np.savez(tmp / _PLAN, members=plan.members, bounds=plan.bounds)
     os.rename(tmp, final)
 
 
@@ -261,6 +266,10 @@ def _load(path: Path) -> Prepared:
         }
         stats = json.loads((path / _STATS).read_text())
         labels = json.loads((path / _LABELS).read_text())
+        plan = None
+        if (path / _PLAN).is_file():
+            with np.load(path / _PLAN) as saved:
+                plan = PackingPlan(saved["members"], saved["bounds"])
     except (OSError, ValueError) as exc:
         raise DataError(
             f"{path}: the prepared data cannot be read ({exc}); delete that folder to "
@@ -274,6 +283,7 @@ def _load(path: Path) -> Prepared:
         splits["validation"],
         splits["test"],
         DataStats(splits=split_stats, **stats),
+        plan,
     )
     return data, labels
 

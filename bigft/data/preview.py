@@ -81,7 +81,11 @@ def preview(prepared: PreparedData, tokenizer: Any, console: Console, n: int = 3
     console.print(legend)
     for i in range(min(n, len(prepared.train))):
         row = prepared.train[i]
-        console.rule(f"train example {i} ({len(row['input_ids'])} tokens)")
+        title = f"train example {i} ({len(row['input_ids'])} tokens)"
+        if console.is_terminal:
+            console.rule(title)
+        else:  # a rule spans the console, which has no width in a file
+            console.print(f"--- {title} ---", highlight=False)
         console.print(render_example(row["input_ids"], row["labels"], tokenizer))
     console.print(stats_table(prepared))
     for name, stats in prepared.stats.splits.items():

@@ -41,7 +41,7 @@ def load_rows(path: str) -> Dataset:
     builder = _BUILDERS.get(suffix)
     if builder is None:
         raise DataError(f"{path}: unsupported data file type '{suffix}'; supported: {SUPPORTED}")
-    if p.stat().st_size == 0 or (builder == "json" and not p.read_bytes().strip()):
+    if p.stat().st_size == 0 or (builder == "json" and _blank(p)):
         raise DataError(f"{path}: file has no rows")
     if builder in ("json", "csv"):
         # The library reads any bytes: Arrow's JSON reader accepts invalid UTF-8 inside
@@ -71,6 +71,15 @@ _CHUNK_BYTES = 1 << 20  # read size of the UTF-8 check
 
 def _iconv(p: Path, encoding: str) -> str:
     return f"iconv -f {encoding} -t UTF-8 {p.name} > {p.stem}.utf8{p.suffix}"
+
+
+def _blank(p: Path) -> bool:
+    """Whether the file holds only whitespace (read in chunks, up to its first other byte)."""
+    with p.open("rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _check_utf8(p: Path, path: str) -> None:

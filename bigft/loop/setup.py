@@ -178,8 +178,9 @@ def _train_loader(
     rows, shares = data.train, list[SourceShare]()
     if cfg.task == "causal_lm" and len(cfg.data.train_sources) > 1:
         rows, shares = mix(data.train, cfg.data.train_sources, seed)
-    if packed:
-        rows = pack(rows, seq_len, seed, tokenizer.pad_token_id)
+    if packed:  # the prepared rows come with their packing plan; a mixture is packed now
+        plan = data.train_plan if rows is data.train else None
+        rows = pack(rows, seq_len, seed, tokenizer.pad_token_id, plan)
     return TrainLoader(rows, seed=seed, shuffle=cfg.data.shuffle, **options), shares
 
 

@@ -1,8 +1,21 @@
-"""What a run says before its first step: the start-up table and the memory plan."""
+"""What a run says on the console: the start-up table and memory plan before its first
+step, then its steps (`StepLog`)."""
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+import time
+from datetime import timedelta
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from bigft.errors import BigftError
@@ -89,14 +102,75 @@ def _memory_plan_text(run: Run) -> str:
     return f"predicted peak {report.total / 2**30:.2f} GiB {where}"
 
 
-def progress_bar(run: Run) -> Progress:
+class StepLog:
+    """How the main process shows training steps.
+
+    In a terminal, a rich progress bar (`logging.progress_bar`). Anywhere else (a Slurm
+    log, nohup, CI), and when the bar is turned off, one plain line per logged step:
+    a bar written to a file shows nothing until the run ends. Other processes show
+    nothing.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.console, self.total = run.console, run.total_steps
+        main = run.accelerator.is_main_process
+        terminal = run.console.is_terminal and run.cfg.logging.progress_bar
+        self.bar = _progress_bar(run.console) if main and terminal else None
+        self.plain = main and not terminal
+        self.first_step, self.started = run.state.step, time.perf_counter()
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> StepLog:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task(
+                "train", total=self.total, completed=self.first_step, stats=""
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def step(self, step: int, record: dict[str, Any] | None = None) -> None:
+        """Step `step` is done; `record` is its metrics when it was logged."""
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=step)
+            if record is not None:
+                self.bar.update(self.task, stats=_bar_stats(record))
+        elif self.plain and record is not None:
+            line = step_line(record, self.total, self._eta(step))
+            self.console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+    def _eta(self, step: int) -> float | None:
+        """Seconds left at the pace of this process's steps so far (evaluations and
+        checkpoints included)."""
+        done = step - self.first_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.started) / done * (self.total - step)
+
+
+def step_line(record: dict[str, Any], total: int, eta_s: float | None) -> str:
+    """One logged step as a plain line: step/total, loss, lr, tokens/s, peak memory, ETA."""
+    eta = "?" if eta_s is None else str(timedelta(seconds=round(eta_s)))
+    return (
+        f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
+        f"{record['tokens_per_s']:,.0f} tok/s  mem {record['mem_mib']:,.0f} MiB  eta {eta}"
+    )
+
+
+def _bar_stats(record: dict[str, Any]) -> str:
+    return f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+
+
+def _progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"),
         TimeRemainingColumn(),
-        console=run.console,
-        disable=not (run.accelerator.is_main_process and run.cfg.logging.progress_bar),
+        console=console,
         transient=False,
     )

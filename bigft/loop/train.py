@@ -28,7 +28,7 @@ from bigft.eval.during_training import (
 from bigft.loop.run import Run
 from bigft.loop.setup import setup
 from bigft.loop.step import train_step
-from bigft.loop.summary import progress_bar, startup_summary
+from bigft.loop.summary import StepLog, startup_summary
 from bigft.losses import Batch
 from bigft.optim import describe_groups
 from bigft.tracking import (
@@ -67,8 +67,7 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
         evaluate_run(run)
     run.model.train()
     batches = iter(run.loader)
-    with progress_bar(run) as progress:
-        task = progress.add_task("train", total=run.total_steps, completed=state.step, stats="")
+    with StepLog(run) as steps:
         window_start, window_tokens = time.perf_counter(), 0.0
         while state.step < run.total_steps:
             upcoming = state.step + 1
@@ -79,6 +78,7 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
             state.targets += stats["targets"]
             _count_skipped(run, stats)
             window_tokens += stats["tokens"]
+            record: dict[str, Any] | None = None
             if logged or stats["nonfinite"]:  # a skipped step is always logged
                 elapsed = time.perf_counter() - window_start
                 record = {
@@ -94,13 +94,8 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
                 for name, loss in stats.get("source_losses", {}).items():
                     record[f"loss/{name}"] = round(loss, 6)
                 run.metrics.write(record)
-                progress.update(
-                    task,
-                    stats=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                    f"{record['tokens_per_s']:.0f} tok/s",
-                )
                 window_start, window_tokens = time.perf_counter(), 0.0
-            progress.update(task, completed=state.step)
+            steps.step(state.step, record)
             _stop_if_nonfinite(run, stats)
             if _evaluate_and_checkpoint(run):
                 print_on_main(
@@ -211,6 +206,7 @@ def _finish(run: Run) -> dict[str, Any]:
         "early_stopped": state.step < run.total_steps,
         "skipped_steps": state.skipped_steps,
         "world_size": run.accelerator.num_processes,
+        "device": run.accelerator.device.type,  # what mem_mib measures: cuda or cpu
         "global_batch_size": run.layout.global_batch_size,
         "engine": engine_report(run.accelerator, run.model, run.optimizer),
         "loss": run.loss_info,

@@ -46,6 +46,9 @@ class ArchSpec:
     max_positions: int = 4096
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     counted_params: int | None = None  # from a meta-device build, for unknown families
+    # A sequence-classification / regression head of this many outputs (transformers'
+    # `score`, never tied) in place of the LM head; None: the causal LM.
+    num_labels: int | None = None
 
     @property
     def q_dim(self) -> int:
@@ -83,14 +86,23 @@ class ArchSpec:
         return self.vocab * self.hidden
 
     @property
+    def head_outputs(self) -> int:
+        """Outputs of the head per position: the vocabulary, or a sequence head's labels."""
+        return self.vocab if self.num_labels is None else self.num_labels
+
+    @property
     def head_params(self) -> int:
-        """lm_head weights (0 when tied to the embedding)."""
+        """lm_head weights (0 when tied to the embedding), or the sequence head's."""
+        if self.num_labels is not None:
+            return self.num_labels * self.hidden
         return 0 if self.tie_embeddings else self.vocab * self.hidden
 
     @property
     def n_params(self) -> int:
         if self.counted_params is not None:
-            return self.counted_params
+            lm_head = 0 if self.tie_embeddings else self.vocab * self.hidden
+            head = self.head_params if self.num_labels is not None else lm_head
+            return self.counted_params - lm_head + head
         return self.embed_params + self.head_params + self.layers * self.layer_params + self.hidden
 
     def with_layers(self, layers: int) -> ArchSpec:

@@ -2,8 +2,10 @@
 
 A layout fits when its predicted per-GPU total (tensor peak + CUDA context + allocator
 slack) stays under the card's memory minus a stated margin. Step time is a relative
-estimate: model FLOPs at a fixed fraction of the card's dense bf16 peak, plus the part of
-the layout's communication that cannot hide behind compute.
+estimate (`step_seconds`): model FLOPs at a fixed fraction of the card's dense bf16 peak,
+plus the part of the layout's communication (collectives, zero3-offload's PCIe traffic)
+that cannot hide behind compute, plus offload's optimizer step on the CPU. On one GPU
+there are no collectives: the layouts that keep everything on the GPU tie.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ CUDA_CONTEXT = 0.75 * GIB  # CUDA context, cuBLAS/cuDNN workspaces (not in memor
 NCCL_BUFFERS = 0.5 * GIB  # communicator buffers once there is more than one process
 FRAGMENTATION = 0.05  # caching-allocator slack over the tensor peak
 MFU = 0.40  # fraction of dense bf16 peak a fine-tuning step sustains
-OVERLAP = 0.6  # fraction of compute time that communication can hide behind
+OVERLAP = 0.6  # largest share of a step's communication that hides behind its compute
+PCIE_GBPS = 25.0  # host <-> GPU per GPU (PCIe 4.0 x16 in practice), for zero3-offload
+# DeepSpeed's vectorised CPU Adam (zero3-offload), parameters updated per second per node:
+# an assumed order of magnitude for a two-socket host, not a measurement.
+CPU_ADAM_PARAMS_PER_S = 1e9
 MAX_MICRO_BATCH = 4096
 DEFAULT_CPU_MEM_GIB = 512.0  # host memory per node assumed for CPU offload
 
@@ -73,8 +79,8 @@ def pick_micro_batch(largest: int, world: int, global_batch: int | None) -> tupl
     return 1, max(global_batch // world, 1)
 
 
-def step_seconds(work: Workload, gpu: GPU, grad_accum: int) -> float:
-    """Relative time of one optimizer step: compute + communication not hidden by it."""
+def compute_seconds(work: Workload, gpu: GPU, grad_accum: int) -> float:
+    """Seconds of matmuls in one optimizer step at MFU of the card's dense bf16 peak."""
     a = work.arch
     tokens = work.micro_batch * work.seq_len
     # 2 FLOPs per weight per token forward; backward doubles that for activations'
@@ -85,17 +91,47 @@ def step_seconds(work: Workload, gpu: GPU, grad_accum: int) -> float:
         per_token += 2.0 * a.n_params  # the recomputed forward
     if work.method == "qlora":
         per_token *= 1.25  # NF4 dequantization before each matmul
-    compute = grad_accum * tokens * per_token / (gpu.bf16_tflops * 1e12 * MFU)
+    return grad_accum * tokens * per_token / (gpu.bf16_tflops * 1e12 * MFU)
+
+
+def step_seconds(work: Workload, gpu: GPU, grad_accum: int) -> float:
+    """Estimated seconds of one optimizer step: compute, the communication compute does
+    not hide, and CPU offload's optimizer step.
+
+    Communication is the layout's collectives (`communication_bytes`) at the collective
+    bandwidth, plus, for zero3-offload, its PCIe traffic (`pcie_bytes`). At most OVERLAP
+    of it hides behind compute, and no more than the compute lasts: the rest (the first
+    gather of a pass, the last bucket's reduction, the all-gather after the step) is on
+    the critical path. Offload's optimizer step runs on the CPU after backward, at
+    CPU_ADAM_PARAMS_PER_S per node, and hides behind nothing. So at one micro-batch more
+    bytes are never faster: zero3 (which gathers the weights every pass) is slower than
+    zero2, and offload slower than the same layout on the GPU.
+    """
+    compute = compute_seconds(work, gpu, grad_accum)
     comm = communication_bytes(work, grad_accum) / (collective_gbps(gpu, work.nodes) * 1e9)
+    comm += pcie_bytes(work, grad_accum) / (PCIE_GBPS * 1e9)
+    exposed = comm - min(OVERLAP * comm, compute)
+    cpu_step = 0.0
     if work.strategy == "zero3-offload":
-        # Parameters cross PCIe each forward and backward; the optimizer runs on the CPU.
-        pcie = 2 * 2.0 * a.n_params / work.world_size * grad_accum / 25e9
-        comm += pcie + 16.0 * work.trainable_params / work.world_size / 10e9
-    return compute + max(comm - OVERLAP * compute, 0.0)
+        cpu_step = work.trainable_params / work.nodes / CPU_ADAM_PARAMS_PER_S
+    return compute + exposed + cpu_step
+
+
+def pcie_bytes(work: Workload, grad_accum: int) -> float:
+    """Bytes one GPU moves over PCIe per step under zero3-offload: its share of the bf16
+    weights up for forward and for backward, and its share of the gradients down, every
+    micro-batch (0 for layouts that keep everything on the GPU)."""
+    if work.strategy != "zero3-offload":
+        return 0.0
+    n = work.world_size
+    weights = 2.0 * work.arch.n_params / n
+    grads = 2.0 * work.trainable_params / n
+    return (2 * weights + grads) * grad_accum
 
 
 def communication_bytes(work: Workload, grad_accum: int) -> float:
-    """Bytes one GPU sends per optimizer step (ring collectives: 2(N-1)/N of the data)."""
+    """Bytes one GPU sends per optimizer step (ring collectives: (N-1)/N of the data per
+    reduce-scatter or all-gather, twice that per all-reduce); 0 on one GPU."""
     n = work.world_size
     if n == 1:
         return 0.0

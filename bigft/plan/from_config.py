@@ -6,6 +6,7 @@ added later (LoRA settings, a parallel section) are picked up without changes he
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from bigft.errors import BigftError, ConfigError
@@ -55,6 +56,23 @@ def planned_gpu(cfg: Any) -> GPU | None:
 
     name = getattr(getattr(cfg, "hardware", None), "gpu", None)
     return get_gpu(name) if name else None
+
+
+# Classes planned for when a classification config does not list them (data.label_names):
+# the head's logits are B x L x classes, megabytes either way.
+UNLISTED_CLASSES = 100
+
+
+def sequence_labels(cfg: Any) -> int | None:
+    """Outputs of the sequence head a classification / regression config trains (None for
+    a causal LM): len(data.label_names), UNLISTED_CLASSES when unlisted, 1 for regression."""
+    task = str(getattr(cfg, "task", "causal_lm"))
+    if task == "causal_lm":
+        return None
+    if task == "regression":
+        return 1
+    names = getattr(getattr(cfg, "data", None), "label_names", None)
+    return len(names) if names else UNLISTED_CLASSES
 
 
 def workload_from_config(cfg: Any, **flags: Any) -> Workload:
@@ -125,6 +143,9 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     if not name:
         raise ConfigError("bigft plan needs a CONFIG or --model NAME_OR_PATH")
     arch = load_arch(str(name))
+    labels = sequence_labels(cfg)
+    if labels is not None:
+        arch = replace(arch, num_labels=labels)
     if arch.model_type in EAGER_ONLY:
         values["attn"] = "eager"
     below = _get(method, ("freeze_first_layers",), 0)

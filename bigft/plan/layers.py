@@ -176,7 +176,7 @@ def step_activations(work: Workload) -> StepActivations:
     """All activation terms of one step for `work` (one micro-batch)."""
     a, c, r = work.arch, work.compute_bytes, work.residual_bytes
     n = work.micro_batch * work.seq_len
-    h, v = a.hidden, a.vocab
+    h, v = a.hidden, a.head_outputs
     # Autocast's bf16 copies of fp32 weights: cached for trainable weights, saved by each
     # matmul for frozen ones (they give the input's gradient). 4-bit weights have none.
     fp32_frozen = work.autocast and work.frozen_weight_bytes == 4 and work.method != "qlora"
@@ -270,7 +270,8 @@ def _loss_terms(
 
     Full path: the micro-batch's logits and, under autocast, accelerate's fp32 copy of
     them; then the fp32 log-softmax, its gradient and the input gradient over the shifted
-    tokens; then the logits' gradient and the weight gradient's temporary.
+    tokens (a sequence head's: over the pooled row); then the logits' gradient and the
+    weight gradient's temporary. A sequence head's logits are B x L x num_labels.
 
     Chunked (bigft.chunked_loss, `loss_rows` positions at a time): everything happens in
     the head's forward. One chunk at a time holds its logits, their fp32 copy, the fp32
@@ -281,13 +282,15 @@ def _loss_terms(
     the fp32 gradient flowing into it and the one it returns.
     """
     a = work.arch
-    v, h, c = a.vocab, a.hidden, work.compute_bytes
+    v, h, c = a.head_outputs, a.hidden, work.compute_bytes
     n = work.micro_batch * work.seq_len
     logit_b = 2 if work.autocast else c
     if work.loss_path == "full":
         logits = logit_b * v * n
         fwd = logits + (4 * v * n if work.autocast else 0)
-        loss = 12.0 * v * work.micro_batch * (work.seq_len - 1)
+        # A sequence head scores every position, then its loss reads one per row (pooled).
+        scored = work.seq_len - 1 if a.num_labels is None else 1
+        loss = 12.0 * v * work.micro_batch * scored
         return fwd, loss, logits + wgrad_temp, wgrad_temp
     rows = work.loss_rows
     # Forward: the logits, their fp32 log-softmax (and, below fp32, the fp32 copy it is

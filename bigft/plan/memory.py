@@ -73,7 +73,7 @@ def model_states(work: Workload) -> ModelStates:
     a, world, stage = work.arch, work.world_size, work.zero_stage
     n_t = float(work.trainable_params)
     train_b = work.trainable_weight_bytes
-    frozen = work.base_param_bytes() - (0.0 if work.adapters else n_t * work.frozen_weight_bytes)
+    frozen = work.base_param_bytes() - (0.0 if work.adapters else n_t * work.stored_frozen_bytes)
     params = frozen + n_t * train_b
     # Bytes of the layer an engine gathers (unsharded bf16 weights; NF4 stays packed),
     # plus its trainable parameters' gradients before they are reduced and resharded.

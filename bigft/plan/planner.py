@@ -20,7 +20,8 @@ from bigft.plan.batch import (
     rank_layouts,
     usable_bytes,
 )
-from bigft.plan.from_config import workload_from_config
+from bigft.plan.engines import single_gpu_note
+from bigft.plan.from_config import planned_gpu, workload_from_config
 from bigft.plan.hardware import GIB, GPU
 from bigft.plan.memory import Breakdown, analytic
 from bigft.plan.workload import UNSUPPORTED, Workload
@@ -49,6 +50,7 @@ class PlanReport:
     notes: list[str] = field(default_factory=list)
     message: str | None = None
     cpu_mem_gib: float = DEFAULT_CPU_MEM_GIB
+    gpu_source: str = ""  # where the GPU model came from: a flag, the config, a default
 
     @property
     def total(self) -> float:
@@ -207,8 +209,9 @@ def _notes(work: Workload, gpu: GPU, global_batch: int | None, micro: int, accum
     if work.strategy == "zero3-offload":
         cpu = analytic(work).cpu_bytes * work.gpus_per_node
         notes.append(f"zero3-offload keeps {_gib(cpu)} per node in CPU memory")
-    if work.strategy in ("zero1", "zero2") and work.world_size == 1:
-        notes.append(f"{work.strategy} on one GPU partitions nothing")
+    single = single_gpu_note(work)
+    if single:
+        notes.append(single)
     if work.loss_path == "full" and work.logit_transform:
         notes.append(f"the model sets {work.logit_transform}: the loss holds the full logits")
     return notes
@@ -245,12 +248,17 @@ def choose_micro_batch(
     """The micro-batch for `train.micro_batch_size: auto`, and the plan behind it.
 
     The largest micro-batch whose step fits the GPU with the default margin and divides
-    the configured global batch. With no GPU to plan for (no CUDA, no `gpu_mem_bytes`, no
-    $BIGFT_PLAN_GPU_MEM_GIB) it returns 1 and the report's `message` says why.
+    the configured global batch. The GPU is `gpu_mem_bytes`, else the CUDA device this
+    process sees, else $BIGFT_PLAN_GPU_MEM_GIB, else the config's hardware.gpu. With none
+    of them it returns 1 and the report's `message` says why.
     """
     work = workload_from_config(cfg, gpus_per_node=world_size, nodes=1)
     global_batch = getattr(cfg.train, "global_batch_size", None)
     gpu = detect_gpu(gpu_mem_bytes)
+    source = "gpu_mem_bytes" if gpu_mem_bytes is not None else "the GPU this process sees"
+    if gpu is None:
+        gpu = planned_gpu(cfg)
+        source = "from hardware.gpu in the config; no CUDA device here"
     if gpu is None:
         report = make_plan(
             work.with_(micro_batch=1),
@@ -260,13 +268,16 @@ def choose_micro_batch(
             grad_accum=getattr(cfg.train, "grad_accum", None),
         )
         report.message = (
-            "no CUDA device to plan for: micro-batch 1 (pass gpu_mem_bytes or "
-            "set BIGFT_PLAN_GPU_MEM_GIB)"
+            "no CUDA device to plan for: micro-batch 1 (set hardware.gpu, "
+            "BIGFT_PLAN_GPU_MEM_GIB or pass gpu_mem_bytes)"
         )
         return 1, report
     report = make_plan(
         work, gpu, global_batch=global_batch, grad_accum=getattr(cfg.train, "grad_accum", None)
     )
+    report.gpu_source = source
+    if report.message is None:
+        report.message = f"largest micro-batch that fits {gpu.name} ({source})"
     return max(report.micro_batch, 1), report
 
 

@@ -55,6 +55,7 @@ def plan_json(report: PlanReport) -> dict[str, Any]:
             "memory_bytes": report.gpu.memory_bytes,
             "usable_bytes": int(report.usable),
             "margin": report.margin,
+            "source": report.gpu_source or None,
         },
         "gpus_per_node": w.gpus_per_node,
         "nodes": w.nodes,
@@ -115,6 +116,8 @@ def print_plan(report: PlanReport, console: Console) -> None:
         + (" | compiled" if w.compile else ""),
         highlight=False,
     )
+    if report.gpu_source:
+        console.print(f"gpu: {gpu.name} ({report.gpu_source})", highlight=False)
     sim = report.simulated
     table = Table(title=f"per GPU at micro-batch {report.micro_batch} (GiB)", title_justify="left")
     table.add_column("component")
@@ -210,7 +213,8 @@ def print_seq_len(answer: SeqLenAnswer, report: PlanReport, console: Console) ->
 
 def _print_layouts(report: PlanReport, console: Console) -> None:
     table = Table(
-        title="layouts (fastest first; step time relative to the fastest)", title_justify="left"
+        title="layouts, fastest first (rel. time: time per token, fastest = 1.00)",
+        title_justify="left",
     )
     for name in ("layout", "fits", "micro-batch", "accum", "per GPU GiB", "rel. time"):
         table.add_column(name, justify="left" if name in ("layout", "fits") else "right")
@@ -224,6 +228,12 @@ def _print_layouts(report: PlanReport, console: Console) -> None:
             f"{o.relative:.2f}" if o.fits else ("see below" if o.reason else "-"),
         )
     console.print(table)
+    if report.work.world_size == 1:
+        console.print(
+            "rel. time on one GPU: no collectives, so layouts that keep everything on the "
+            "GPU tie; offload adds its PCIe traffic and the optimizer step on the CPU",
+            highlight=False,
+        )
     for o in report.layouts:
         if o.reason:
             console.print(f"[yellow]{o.name}[/]: {o.reason}", highlight=False)

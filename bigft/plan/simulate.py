@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bigft.plan.instruments import nf4_linear_class, phase_tracker
@@ -352,6 +352,9 @@ def simulate(work: Workload, full_depth: bool = False) -> SimResult:
     for 7B, minutes for 70B).
     """
     start = time.perf_counter()
+    head = work.arch.num_labels  # the simulator builds causal LMs: an upper bound
+    if head is not None:
+        work = work.with_(arch=replace(work.arch, num_labels=None), loss_impl="auto")
     total_t = work.n_trainable_layers
     total_f = work.arch.layers - total_t
     # Depths grow in units of the checkpointing period, so every run has the same pattern
@@ -371,7 +374,7 @@ def simulate(work: Workload, full_depth: bool = False) -> SimResult:
         depths = sorted({f + t for f, t in wanted})
     phases = _apply_offload(work, _apply_layout(work, phases))
     peak = max(phases.values(), key=lambda s: sum(s.values()))
-    notes = []
+    notes = [f"simulated with the LM head, not the {head}-output sequence head"] if head else []
     if work.lora_dropout > 0 and work.device != "cpu":
         notes.append(
             "CPU dropout keeps fp32 masks where CUDA keeps bool ones: the simulation "

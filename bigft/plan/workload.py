@@ -140,7 +140,10 @@ class Workload:
     @property
     def loss_path(self) -> str:
         """The loss bigft.chunked_loss.prepare_loss installs: 'auto' is chunked unless the
-        model transforms its logits after the lm_head call."""
+        model transforms its logits after the lm_head call. A sequence head's logits are a
+        few per position: its loss is the plain one."""
+        if self.arch.num_labels is not None:
+            return "full"
         if self.loss_impl == "auto":
             return "full" if self.logit_transform else "chunked"
         return self.loss_impl
@@ -197,6 +200,16 @@ class Workload:
         if self.method != "full" and self.precision != "fp32":
             return DTYPE_BYTES[self.precision]
         return 4.0
+
+    @property
+    def stored_frozen_bytes(self) -> float:
+        """Bytes per frozen weight as stored between steps: `frozen_weight_bytes`, except
+        under FSDP2, which keeps frozen weights in the dtype they were loaded in (an
+        explicit model.dtype) and computes on bf16 copies of the layers it unshards;
+        DeepSpeed's bf16 engine casts the whole module."""
+        if self.strategy == "fsdp2" and self.weight_dtype != "auto":
+            return DTYPE_BYTES[self.weight_dtype]
+        return self.frozen_weight_bytes
 
     @property
     def trainable_weight_bytes(self) -> float:
@@ -275,9 +288,11 @@ class Workload:
         """Parameters that get gradients and optimizer states."""
         a = self.arch
         if self.adapters:
-            return a.layers * self.adapter_params_per_layer()
+            # peft trains a sequence head whole (modules_to_save): a copy beside the base's.
+            head = a.head_params if a.num_labels is not None else 0
+            return a.layers * self.adapter_params_per_layer() + head
         if self.method == "freeze":
-            head = a.head_params if not a.tie_embeddings else a.embed_params
+            head = a.head_params or a.embed_params
             embed = 0 if self.freeze_embeddings or a.tie_embeddings else a.embed_params
             return self.n_trainable_layers * a.layer_params + a.hidden + head + embed
         return a.n_params
@@ -285,11 +300,11 @@ class Workload:
     def base_param_bytes(self) -> float:
         """Stored bytes of the base model on one GPU before any sharding, every weight
         counted as frozen (`memory.model_states` re-prices the trainable ones)."""
-        a = self.arch
+        a, frozen = self.arch, self.stored_frozen_bytes
         if self.method != "qlora":
-            return a.n_params * self.frozen_weight_bytes
+            return a.n_params * frozen
         quantized = a.layers * a.layer_linear_params
-        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * self.frozen_weight_bytes
+        return quantized * NF4_BYTES_PER_PARAM + (a.n_params - quantized) * frozen
 
 
 # NF4 with double quantization (QLoRA paper, section 3): 4 bits per weight, an 8-bit

@@ -5,9 +5,11 @@ pyplot: no global backend is switched and no display is needed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -25,10 +27,14 @@ from bigft.report.runs import (
     fmt,
     load_run,
     lower_is_better,
+    memory_measure,
     numeric_keys,
     run_facts,
     series,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Training keys with a panel of their own; keys naming memory share one panel.
 TRAIN_PANELS = {
@@ -63,6 +69,11 @@ class Panel:
     title: str
     ylabel: str
     series: list[Series]
+    log_y: bool = False
+
+    def values(self) -> list[float]:
+        """Every finite value of every line."""
+        return [v for line in self.series for v in line.values if math.isfinite(v)]
 
 
 @dataclass
@@ -83,19 +94,18 @@ def report_panels(run: Run) -> list[Panel]:
     for i, (split, records) in enumerate(run.evals.items(), start=1):
         e_steps, e_values = series(records, "eval_loss")
         loss.append(Series(f"{split} eval_loss", e_steps, e_values, f"C{i}", markers=True))
-    panels.append(Panel("loss", "loss", "loss", loss))
+    panels.append(_log_if_wide(Panel("loss", "loss", "loss", loss)))
     train_keys = [k for k in numeric_keys(run.train) if k != "loss"]
     memory = [k for k in train_keys if "mem" in k]
     for key in train_keys:
         if key in memory:
             continue
         title, ylabel = TRAIN_PANELS.get(key, (key, key))
-        panels.append(
-            Panel(_file_stem(key), title, ylabel, [Series(key, *series(run.train, key), "C0")])
-        )
+        lines = [Series(key, *series(run.train, key), "C0")]
+        panels.append(_log_if_wide(Panel(_file_stem(key), title, ylabel, lines)))
     if memory:
         lines = [Series(k, *series(run.train, k), f"C{i}") for i, k in enumerate(memory)]
-        panels.append(Panel("memory", "memory", "MiB", lines))
+        panels.append(Panel("memory", memory_measure(run), "MiB (busiest process)", lines))
     metrics: dict[str, None] = {}
     for records in run.evals.values():
         metrics.update(dict.fromkeys(m for m in eval_metrics(records) if m != "eval_loss"))
@@ -104,8 +114,32 @@ def report_panels(run: Run) -> list[Panel]:
             Series(split, *series(records, metric), f"C{i}", markers=True)
             for i, (split, records) in enumerate(run.evals.items(), start=1)
         ]
-        panels.append(Panel(_file_stem(metric), metric, metric, lines))
+        panels.append(_log_if_wide(Panel(_file_stem(metric), metric, metric, lines)))
     return [p for p in panels if any(s.steps for s in p.series)]
+
+
+def _log_if_wide(panel: Panel) -> Panel:
+    """A loss (or perplexity) that spans more than a decade is drawn on a log scale: a
+    linear axis would flatten everything after the first steps."""
+    words = set(re.split(r"[^a-z0-9]+", panel.name.lower()))
+    values = panel.values()
+    if words & {"loss", "ppl", "perplexity"} and values and min(values) > 0:
+        panel.log_y = max(values) / min(values) > 10
+    return panel
+
+
+def split_constant(panels: list[Panel]) -> tuple[list[Panel], list[str]]:
+    """(panels worth drawing, `title value` of each left out): a panel other than the loss
+    whose every logged value is the same (skipped_steps at 0, a constant lr) says no more
+    than one number."""
+    drawn, constant = [], []
+    for panel in panels:
+        values = panel.values()
+        if panel.name != "loss" and len(values) > 1 and len(set(values)) == 1:
+            constant.append(f"{panel.title} {fmt(values[0])}")
+        else:
+            drawn.append(panel)
+    return drawn, constant
 
 
 def compare_panels(runs: list[Run], names: list[str], metric: str, split: str) -> list[Panel]:
@@ -115,8 +149,8 @@ def compare_panels(runs: list[Run], names: list[str], metric: str, split: str) -
         loss.append(Series(name, *series(run.train, "loss"), f"C{i}"))
         evals.append(Series(name, *series(run.evals.get(split, []), metric), f"C{i}", True))
     return [
-        Panel("loss", "train loss", "loss", loss),
-        Panel(_file_stem(metric), f"{split} {metric}", metric, evals),
+        _log_if_wide(Panel("loss", "train loss", "loss", loss)),
+        _log_if_wide(Panel(_file_stem(metric), f"{split} {metric}", metric, evals)),
     ]
 
 
@@ -126,6 +160,12 @@ def _file_stem(key: str) -> str:
 
 def draw(panels: list[Panel], path: Path) -> Path:
     """Draw panels side by side into one PNG."""
+    figure(panels).savefig(path, dpi=DPI)
+    return path
+
+
+def figure(panels: list[Panel]) -> Figure:
+    """Panels side by side on one matplotlib Figure (Agg canvas)."""
     require("matplotlib", "track", "drawing plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -146,12 +186,13 @@ def draw(panels: list[Panel], path: Path) -> Path:
             )
         ax.set_title(panel.title)
         ax.set_xlabel("step")
-        ax.set_ylabel(panel.ylabel)
+        ax.set_ylabel(f"{panel.ylabel} (log scale)" if panel.log_y else panel.ylabel)
+        if panel.log_y:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if len(panel.series) > 1:
             ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return fig
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -159,13 +200,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     run = load_run(run_dir)
     require("matplotlib", "track", "bigft report")  # before anything is written
     out = _make_dir(Path(out_dir) if out_dir is not None else run.path / "report")
-    images = [draw([p], out / f"{p.name}.png").name for p in report_panels(run)]
+    panels, constant = split_constant(report_panels(run))
+    images = [draw([p], out / f"{p.name}.png").name for p in panels]
     path = out / "report.md"
-    path.write_text(report_markdown(run, images), encoding="utf-8")
+    path.write_text(report_markdown(run, images, constant), encoding="utf-8")
     return path
 
 
-def report_markdown(run: Run, images: list[str]) -> str:
+def report_markdown(run: Run, images: list[str], constant: list[str] | None = None) -> str:
     """report.md: what the run was, final and best evaluations, the plots."""
     facts = run_facts(run)
     parts = [f"# Run report: {run.name}", f"Run directory: `{run.path}`"]
@@ -190,6 +232,8 @@ def report_markdown(run: Run, images: list[str]) -> str:
         )
     parts.append("## Plots")
     parts.extend(f"![{Path(name).stem}]({name})" for name in images)
+    if constant:
+        parts.append(f"Not plotted, the same at every logged step: {'; '.join(constant)}.")
     return "\n\n".join(parts) + "\n"
 
 
@@ -230,11 +274,25 @@ def compare_runs(
 
 
 def run_names(runs: list[Run]) -> list[str]:
-    """Directory names; parent/name where two runs share a name."""
-    names = [r.name for r in runs]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{r.path.resolve().parent.name}/{r.name}" for r in runs]
+    """Each run's shortest path suffix that no other run's path ends with: `lr-1e-4` and
+    `lr-2e-4`, or `a/out` and `b/out` for runs/a/out and runs/b/out. The same directory
+    given twice is numbered."""
+    paths = [r.path.resolve().parts for r in runs]
+    names = []
+    for i, parts in enumerate(paths):
+        others = [p for j, p in enumerate(paths) if j != i]
+        size = next(
+            (k for k in range(1, len(parts)) if all(p[-k:] != parts[-k:] for p in others)),
+            len(parts),
+        )
+        names.append(str(Path(*parts[-size:])))
+    twice = {name for name in names if names.count(name) > 1}
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in twice:
+            seen[name] = seen.get(name, 0) + 1
+            names[i] = f"{name} ({seen[name]})"
+    return names
 
 
 def resolve_metric(runs: list[Run], metric: str) -> tuple[str, str]:

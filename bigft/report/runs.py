@@ -209,6 +209,20 @@ def run_facts(run: Run) -> dict[str, str]:
     return facts
 
 
+def memory_measure(run: Run) -> str:
+    """What `mem_mib` measured in this run: peak CUDA memory allocated by tensors on a
+    GPU, peak resident memory of the process on CPU (the busiest process, in MiB). The
+    device is read from summary.json when the run recorded it; otherwise both are named."""
+    engine = run.summary.get("engine")
+    engine = engine if isinstance(engine, dict) else {}
+    device = str(run.summary.get("device") or engine.get("device") or "")
+    if device.startswith("cuda"):
+        return "peak GPU memory allocated"
+    if device == "cpu" or engine.get("distributed_type") == "MULTI_CPU":
+        return "peak process RSS (CPU)"
+    return "peak memory (GPU allocated on CUDA, process RSS on CPU)"
+
+
 def _best_checkpoint_text(info: dict[str, Any]) -> str:
     """checkpoints/best.json as `step-00000020 (eval_loss 1.9 at step 20)`."""
     if {"checkpoint", "metric", "value", "step"} <= info.keys():

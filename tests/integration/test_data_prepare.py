@@ -59,12 +59,17 @@ def test_prepared_once_then_training_reuses_it(
     assert "data: prepared into" in result.output and "data (seq_len 64)" in result.output
     (digest,) = _entries(tmp_path / "store")
     prepared = tmp_path / "store" / digest
-    assert {p.name for p in prepared.iterdir()} >= {"train", "validation", "stats.json"}
+    expected = {"train", "validation", "stats.json", "train_plan.npz"}
+    assert {p.name for p in prepared.iterdir()} >= expected
 
     def no_tokenizing(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the data was prepared again")
 
+    def no_bin_packing(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the rows were packed again: the stored plan was not used")
+
     monkeypatch.setattr("bigft.data.labeled.prepare_data", no_tokenizing)
+    monkeypatch.setattr("bigft.data.packing.bin_pack", no_bin_packing)
     run = setup(cfg)
     assert run.data_source.startswith(f"data: reused from {prepared} (")
     # The rows training reads are the prepared ones, memory-mapped from the store.

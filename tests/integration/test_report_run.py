@@ -35,7 +35,14 @@ def test_report_of_a_real_run_states_its_final_numbers(tiny_base: Path, tmp_path
     assert f"| validation | eval_loss | {eval_loss:.6g} | 6 |" in md
     assert f"| model | {tiny_base} |" in md and "| method | full |" in md
     assert "| steps | 6 |" in md
-    assert json.loads((out / "summary.json").read_text())["steps"] == 6
-    for name in ("loss.png", "lr.png", "tokens_per_s.png", "grad_norm.png"):
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["steps"] == 6 and saved["device"] == "cpu"
+    from bigft.report.runs import load_run, memory_measure
+
+    assert memory_measure(load_run(out)) == "peak process RSS (CPU)"  # what mem_mib was
+    for name in ("loss.png", "tokens_per_s.png", "grad_norm.png", "memory.png"):
         assert (out / "report" / name).read_bytes()[:4] == b"\x89PNG", name
         assert f"]({name})" in md
+    # the config's constant schedule and a run without skipped steps: named, not drawn
+    assert "Not plotted, the same at every logged step: learning rate 0.003; skipped_steps 0." in md
+    assert not (out / "report" / "lr.png").exists()

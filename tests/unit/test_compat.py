@@ -123,3 +123,96 @@ def test_stateful_dataloader_is_built_without_the_deprecation_warning() -> None:
         loader = stateful_dataloader([1, 2, 3], batch_size=2)
     assert not shimmed
     assert [b.tolist() for b in loader] == [[1, 2], [3]]
+
+
+NOISE_SCRIPT = """
+import logging, sys, tempfile, warnings
+
+if sys.argv[1] == "bigft":
+    import bigft.commands  # what `python -m bigft` and the `bigft` script import first
+import torch
+import torch.distributed as dist
+import deepspeed
+import bitsandbytes
+
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+for _ in range(2):  # what ZeRO-3 calls in every step
+    dist.all_gather_into_tensor(torch.zeros(2), torch.ones(2))
+    dist.reduce_scatter_tensor(torch.zeros(2), torch.ones(2))
+dist.destroy_process_group()
+warnings.warn_explicit(
+    "`torch.distributed.other` is deprecated", FutureWarning, "c10d_logger.py", 1,
+    module="torch.distributed.c10d_logger",
+)
+warnings.warn("an unrelated FutureWarning", FutureWarning)
+logging.getLogger("DeepSpeed").warning("another DeepSpeed warning")
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes warning")
+"""
+
+UPSTREAM_NOISE = {
+    "deepspeed": "Setting accelerator to CPU. If you have GPU or other accelerator",
+    "bitsandbytes": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "all_gather": "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "reduce_scatter": "`torch.distributed.reduce_scatter_tensor` is deprecated",
+}
+STILL_SHOWN = (
+    "`torch.distributed.other` is deprecated",
+    "an unrelated FutureWarning",
+    "another DeepSpeed warning",
+    "another bitsandbytes warning",
+)
+
+
+def _noise_output(tmp_path: Path, mode: str) -> str:
+    """stdout + stderr of a CPU process importing deepspeed and bitsandbytes and calling
+    the collectives ZeRO-3 uses, with bigft's CLI imported first or not."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "noise.py"
+    script.write_text(NOISE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "COLUMNS")}
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        env.pop(name, None)  # a CPU run
+    proc = subprocess.run(
+        [sys.executable, str(script), mode],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_a_bigft_command_drops_exactly_the_upstream_noise(tmp_path) -> None:
+    pytest.importorskip("deepspeed")
+    without = _noise_output(tmp_path, "plain")
+    printed = {key for key, text in UPSTREAM_NOISE.items() if text in without}
+    if not printed:
+        pytest.skip("these releases print none of the messages: the shim can go")
+    assert all(text in without for text in STILL_SHOWN), without
+
+    with_bigft = _noise_output(tmp_path, "bigft")
+    for key in printed:
+        assert UPSTREAM_NOISE[key] not in with_bigft, (key, with_bigft)
+    for text in STILL_SHOWN:  # the same loggers and module still speak
+        assert text in with_bigft, (text, with_bigft)
+
+
+def test_the_deepspeed_cpu_message_stays_where_a_gpu_was_assigned(monkeypatch) -> None:
+    """A job given a GPU that torch cannot see runs on the CPU: there the message says why."""
+    import logging
+
+    from bigft._compat import quiet_upstream_noise
+
+    quiet_upstream_noise()
+    logger = logging.getLogger("DeepSpeed")
+    message = UPSTREAM_NOISE["deepspeed"] + ", we were unable to detect it."
+    record = logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, message, None, None)
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+    assert not logger.filter(record)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert logger.filter(record)

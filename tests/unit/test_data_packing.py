@@ -301,3 +301,15 @@ def test_packing_holds_the_plan_not_the_tokens(tmp_path: Any) -> None:
     assert row["input_ids"][: len(expected)] == expected.tolist()
     assert set(row["input_ids"][len(expected) :]) <= {0}
     assert row["labels"][len(expected) :] == [IGNORE_INDEX] * (1024 - len(expected))
+
+
+def test_a_saved_plan_packs_the_rows_it_was_made_for_the_same_way() -> None:
+    """`bigft data prepare` stores the train rows' bins; a run packing with them gets the
+    rows it would get by packing from scratch, for any seed."""
+    from bigft.data.packing import PackingPlan, row_lengths
+
+    rows = Dataset.from_list(random_rows(list(np.random.default_rng(5).integers(3, 40, 300))))
+    plan = PackingPlan.of(row_lengths(rows), 64)
+    for seed in (0, 7):
+        assert pack(rows, 64, seed, plan=plan).to_dict() == pack(rows, 64, seed).to_dict()
+    assert pack(rows, 64, 0, plan=plan).to_dict() != pack(rows, 64, 7, plan=plan).to_dict()

@@ -158,3 +158,54 @@ def test_preview_shows_masked_and_trained_spans(tokenizer: Any) -> None:
     ansi = console.export_text(styles=True)
     # The prompt is dim grey, the answer (with its eos) bold green.
     assert "\x1b[2;90m### Response:" in ansi and "\x1b[1;32m5</s>" in ansi
+
+
+def test_exact_duplicates_remember_only_repeated_digests() -> None:
+    """Across splits in cleaning order, a row equal to a kept row is a duplicate; only
+    digests that occur more than once are kept in memory."""
+    from datasets import Dataset
+
+    from bigft.data.dedup import ExactDuplicates
+
+    def digests(values: list[int]) -> Dataset:
+        return Dataset.from_dict({"digest": [v.to_bytes(16, "little") for v in values]})
+
+    train = [*range(1000), 7, 7, 999]  # 7 three times, 999 twice
+    validation = [5, 2000, 2001, 2000]  # 5 repeats a train row; 2000 repeats itself
+    seen = ExactDuplicates([digests(train), digests(validation)])
+    duplicates = []
+    for i in range(len(train)):
+        if i in seen:
+            duplicates.append(i)
+        elif i != 999:  # row 999 is dropped for another reason: its copy is not a duplicate
+            seen.add(i)
+    assert duplicates == [1000, 1001]  # the copies of row 7; row 1002 (999) is kept
+    seen.next_split()
+    found = [i for i in range(len(validation)) if i in seen or seen.add(i)]
+    assert found == [0, 3]
+    assert len(seen._kept) == 4  # 5, 7, 999 and 2000: not the 1,000 distinct rows
+
+
+def test_a_data_file_is_never_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a file (empty? UTF-8?) reads it in chunks: the memory of `bigft data
+    prepare` does not grow with the size of its input files."""
+    from bigft.data.sources import load_rows
+    from bigft.errors import DataError
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "x" * 100}] * 2000)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n" * 1000)
+
+    def guarded(read: Any) -> Any:
+        def whole(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self.name in ("rows.jsonl", "blank.jsonl"):
+                raise AssertionError(f"{self} was read whole")
+            return read(self, *args, **kwargs)
+
+        return whole
+
+    monkeypatch.setattr(Path, "read_bytes", guarded(Path.read_bytes))
+    monkeypatch.setattr(Path, "read_text", guarded(Path.read_text))
+    assert len(load_rows(str(path))) == 2000
+    with pytest.raises(DataError, match="file has no rows"):
+        load_rows(str(blank))

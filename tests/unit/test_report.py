@@ -32,7 +32,8 @@ def _config(lr: float = 1e-3, **extra: Any) -> dict[str, Any]:
 
 
 def _train(step: int, loss: float, **extra: float) -> dict[str, Any]:
-    return {"time": 0.0, "step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, **extra}
+    lr, grad_norm = 1e-4 * step, 0.5 + 0.01 * step
+    return {"time": 0.0, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **extra}
 
 
 def _eval(step: int, loss: float, accuracy: float, split: str = "validation") -> dict[str, Any]:
@@ -63,7 +64,9 @@ def resumed_records() -> list[dict[str, Any]]:
     """
     first = [_train(s, 3.0 - 0.1 * s, tokens_per_s=1000.0) for s in range(1, 7)]
     first += [_eval(4, 2.4, 0.50), _eval(6, 0.5, 0.99)]
-    second = [_train(s, 2.0 - 0.05 * s, tokens_per_s=3000.0, mem_mib=512.0) for s in (5, 6, 7, 8)]
+    second = [
+        _train(s, 2.0 - 0.05 * s, tokens_per_s=3000.0, mem_mib=500.0 + s) for s in (5, 6, 7, 8)
+    ]
     second += [_eval(6, 1.9, 0.70), _eval(8, 2.1, 0.75), _eval(8, 2.2, 0.60, split="test")]
     return [*first, *second]
 
