@@ -200,8 +200,8 @@ class _PathRule:
         """`value` as an absolute path, or unchanged when it is not a path (a hub id, a
         shipped name, a program on PATH)."""
         value = _expand(value)
-        if value.startswith("hub:") or Path(value).is_absolute():
-            return value
+        if value.startswith("hub:") or "://" in value or Path(value).is_absolute():
+            return value  # a hub dataset, a URL, or a path already absolute
         if kind == "command" and "/" not in value:
             return value
         on_cli = self.from_command_line(key)

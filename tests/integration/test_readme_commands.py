@@ -113,9 +113,12 @@ def test_make_targets_use_only_the_python_given() -> None:
         pytest.skip("make is not installed")
     python = "/nonexistent/venv/bin/python"
     for target in ("demo", "test", "test-fast", "lint", "typecheck", "install-dev"):
+        # Under `make test` itself, make's own variables would add "Entering directory".
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
         out = subprocess.run(
-            ["make", "-n", "-B", target, f"PYTHON={python}"],
+            ["make", "--no-print-directory", "-n", "-B", target, f"PYTHON={python}"],
             cwd=REPO,
+            env=env,
             capture_output=True,
             text=True,
             check=True,
