@@ -50,5 +50,5 @@ def test_report_of_a_real_run_states_its_final_numbers(tiny_base: Path, tmp_path
     else:
         assert "peak process RSS (CPU) " in md
     # the config's constant schedule and a run without skipped steps: named, not drawn
-    assert "Not plotted, the same at every logged step: learning rate 0.003; skipped_steps 0." in md
+    assert "Not plotted, the same at every logged step: learning rate 0.003; skipped_steps 0" in md
     assert not (out / "report" / "lr.png").exists()
