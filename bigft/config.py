@@ -219,6 +219,95 @@ class TrainSource(Section):
         return Path(self.path.removeprefix("hub:")).stem or self.path
 
 
+class ImageAugmentConfig(Section):
+    """Random changes to each training image, drawn anew every epoch from train.seed, the
+    epoch and the row (so a resumed run sees the images an uninterrupted one saw). Applied
+    before the model's image processor; validation and test images are never changed."""
+
+    random_resized_crop: tuple[float, float] | None = Field(
+        None,
+        description="Crop a random area of the image, this share of it (min, max), e.g. "
+        "[0.6, 1.0], with an aspect ratio between 3/4 and 4/3, resized back to the image's "
+        "size; null: off.",
+    )
+    horizontal_flip: float = Field(
+        0.0, ge=0, le=1, description="Probability of mirroring left-right."
+    )
+    vertical_flip: float = Field(0.0, ge=0, le=1, description="Probability of mirroring upside down.")
+    rotation: float = Field(
+        0.0, ge=0, le=180, description="Rotate by a uniform angle in [-rotation, rotation] degrees."
+    )
+    color_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Scale brightness, contrast and saturation each by a uniform factor in "
+        "[1 - x, 1 + x].",
+    )
+
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _crop_share(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("write [min, max] shares of the image with 0 < min <= max <= 1")
+        return value
+
+
+class BackTranslationConfig(Section):
+    """Paraphrases through two local translation models (e.g. MarianMT directories):
+    source language -> pivot language -> source language."""
+
+    forward: PathStr = Field(description="Model directory translating into the pivot language.")
+    backward: PathStr = Field(description="Model directory translating back.")
+    max_new_tokens: int = Field(128, gt=0, description="Longest translation generated.")
+    batch_size: int = Field(16, gt=0, description="Texts translated at once.")
+
+
+class TextAugmentConfig(Section):
+    """EDA-style changes to training texts (Wei & Zou 2019, "EDA: Easy Data Augmentation
+    Techniques"), and back-translation. Each training row gains `copies` augmented rows;
+    validation and test rows are never changed. Deterministic for train.seed, and prepared
+    (and cached) with the rest of the data."""
+
+    copies: int = Field(1, ge=1, le=64, description="Augmented copies of each training row.")
+    synonym_replacement: float = Field(
+        0.0, ge=0, le=1, description="Share of words replaced by a synonym."
+    )
+    random_insertion: float = Field(
+        0.0, ge=0, le=1, description="Share of words for which a synonym is inserted anywhere."
+    )
+    random_swap: float = Field(0.0, ge=0, le=1, description="Share of words swapped in pairs.")
+    random_deletion: float = Field(
+        0.0, ge=0, le=1, description="Probability of deleting each word."
+    )
+    synonyms: PathStr | None = Field(
+        None,
+        description="Synonyms: a .json file {word: [synonym, ...]} or a text file, one group "
+        "of interchangeable words per line; 'wordnet' reads NLTK's WordNet (pip install nltk "
+        "and its wordnet corpus). Needed by synonym_replacement and random_insertion.",
+    )
+    back_translation: BackTranslationConfig | None = Field(
+        None, description="Paraphrase through two translation models; null: off."
+    )
+
+    @model_validator(mode="after")
+    def _has_synonyms(self) -> TextAugmentConfig:
+        if (self.synonym_replacement or self.random_insertion) and self.synonyms is None:
+            raise ValueError(
+                "synonym_replacement / random_insertion need data.augment.text.synonyms "
+                "(a synonyms file, or 'wordnet')"
+            )
+        return self
+
+
+class AugmentConfig(Section):
+    """Train-time augmentation, of images (task image_classification, contrastive) or of
+    texts (task causal_lm, classification, regression)."""
+
+    image: ImageAugmentConfig | None = Field(None, description="Image augmentation; null: off.")
+    text: TextAugmentConfig | None = Field(None, description="Text augmentation; null: off.")
+
+
 class DataConfig(Section):
     """Where the data is, what shape its rows have, and how they become training rows."""
 
@@ -352,8 +441,18 @@ class DataConfig(Section):
     )
     label_names: list[str] | None = Field(
         None,
-        description="task classification: the classes, in id order; default: the sorted "
-        "distinct labels of the training rows. Integer labels index this list.",
+        description="task classification / image_classification: the classes, in id order; "
+        "default: the sorted distinct labels of the training rows (the sub-folder names of "
+        "an image folder). Integer labels index this list. task contrastive: the classes "
+        "zero-shot accuracy is measured over.",
+    )
+    image_field: str = Field(
+        "image",
+        description="task image_classification / contrastive: column holding the image (a "
+        "file path, relative to the data file's folder, or an image of a saved dataset).",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Train-time augmentation (training split only)."
     )
 
     @field_validator("train")
@@ -1036,7 +1135,20 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "causal_lm": ("eval_loss", "eval_ppl"),
     "classification": ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_auc"),
     "regression": ("eval_loss", "eval_mse", "eval_mae", "eval_r2"),
+    "image_classification": ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_auc"),
+    "contrastive": (
+        "eval_loss",
+        "eval_i2t_r1",
+        "eval_i2t_r5",
+        "eval_t2i_r1",
+        "eval_t2i_r5",
+        "eval_zero_shot_accuracy",
+    ),
 }
+
+IMAGE_TASKS = ("image_classification", "contrastive")
+# Tasks whose rows hold a text and a label, read by bigft.data.labeled.
+TEXT_LABEL_TASKS = ("classification", "regression")
 
 
 class HardwareConfig(Section):
@@ -1069,6 +1181,39 @@ class HardwareConfig(Section):
             raise ValueError(str(exc).replace(" (or pass --gpu-mem GIB)", "")) from None
 
 
+class ContrastiveConfig(Section):
+    """task contrastive: symmetric InfoNCE between image and text embeddings (Radford et
+    al. 2021, CLIP), scaled by the model's learnable temperature (logit_scale)."""
+
+    gather: bool = Field(
+        True,
+        description="Use the images and texts of every process as negatives (a global batch "
+        "of micro_batch_size x processes); gradients flow through the gathered embeddings, "
+        "so the update equals one process holding the whole batch.",
+    )
+    learn_temperature: bool = Field(
+        True, description="Train the model's logit_scale; false keeps it as loaded."
+    )
+    classification_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Add this weight x cross-entropy of each labelled image against the "
+        "prompts of data.label_names (the zero-shot classifier), 0: off.",
+    )
+    prompt: str = Field(
+        "a photo of {label}",
+        description="Text of each class for zero-shot accuracy and classification_weight; "
+        "{label} is the class name.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_label(cls, value: str) -> str:
+        if "{label}" not in value:
+            raise ValueError("needs a {label} placeholder, e.g. 'a photo of {label}'")
+        return value
+
+
 class DistillConfig(Section):
     """Knowledge distillation from a teacher that shares the student's tokenizer / labels."""
 
@@ -1088,11 +1233,15 @@ class Config(Section):
     """A bigft run. Sections mirror the data flow: model, data, method, optim, schedule,
     train, eval, checkpoint, logging."""
 
-    task: Literal["causal_lm", "classification", "regression"] = Field(
+    task: Literal[
+        "causal_lm", "classification", "regression", "image_classification", "contrastive"
+    ] = Field(
         "causal_lm",
         description="causal_lm: next-token loss on text/instructions/chats; classification: "
         "a sequence-classification head over data.label_field (cross-entropy); regression: "
-        "one output trained with MSE.",
+        "one output trained with MSE; image_classification: an image model "
+        "(AutoModelForImageClassification) with a head for data.label_names; contrastive: "
+        "an image-text dual encoder (CLIP) trained to match each image with its text.",
     )
     model: ModelConfig = Field(description="The model to fine-tune.")
     data: DataConfig = Field(description="Training and evaluation data.")
@@ -1109,6 +1258,9 @@ class Config(Section):
     )
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="Knowledge distillation."
+    )
+    contrastive: ContrastiveConfig = Field(
+        default_factory=ContrastiveConfig, description="task contrastive: the loss."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     slurm: SlurmConfig = Field(
@@ -1169,10 +1321,30 @@ class Config(Section):
                 "data.near_duplicates compares every row with every other: not with "
                 "data.streaming (prepare the data instead)"
             )
+        if d.augment.image is not None and self.task not in IMAGE_TASKS:
+            raise ValueError(
+                f"data.augment.image: task {self.task} has no images (task "
+                "image_classification or contrastive)"
+            )
+        if d.augment.text is not None and self.task in IMAGE_TASKS:
+            raise ValueError(
+                f"data.augment.text applies to text tasks, not task {self.task}; use "
+                "data.augment.image"
+            )
         if self.task == "causal_lm":
             if d.label_names is not None or d.text_pair_field is not None:
                 raise ValueError("data.label_names / text_pair_field need task classification")
             return self
+        if self.task in IMAGE_TASKS and d.text_pair_field is not None:
+            raise ValueError(f"data.text_pair_field: task {self.task} reads one text per image")
+        if self.task == "contrastive" and self.parallel.strategy in ("zero3", "fsdp2"):
+            raise ValueError(
+                f"task contrastive with parallel.strategy {self.parallel.strategy}: the loss "
+                "reads the model's logit_scale, which a sharded engine splits; use ddp, "
+                "zero1 or zero2"
+            )
+        if self.distill.teacher is not None and self.task in IMAGE_TASKS:
+            raise ValueError(f"distill.teacher: distillation is not available for task {self.task}")
         if any(isinstance(e, TrainSource) for e in d.train if not isinstance(d.train, str)):
             raise ValueError(
                 f"task {self.task}: data.train lists plain paths only (sources with their "
