@@ -233,7 +233,9 @@ class ImageAugmentConfig(Section):
     horizontal_flip: float = Field(
         0.0, ge=0, le=1, description="Probability of mirroring left-right."
     )
-    vertical_flip: float = Field(0.0, ge=0, le=1, description="Probability of mirroring upside down.")
+    vertical_flip: float = Field(
+        0.0, ge=0, le=1, description="Probability of mirroring upside down."
+    )
     rotation: float = Field(
         0.0, ge=0, le=180, description="Rotate by a uniform angle in [-rotation, rotation] degrees."
     )
@@ -255,36 +257,72 @@ class ImageAugmentConfig(Section):
 
 class BackTranslationConfig(Section):
     """Paraphrases through two local translation models (e.g. MarianMT directories):
-    source language -> pivot language -> source language."""
+    source language -> pivot language -> source language, greedy decoding, on the CPU of
+    the preparing process. One paraphrase per text: further copies of a row made by
+    back-translation equal the first and are skipped."""
 
-    forward: PathStr = Field(description="Model directory translating into the pivot language.")
-    backward: PathStr = Field(description="Model directory translating back.")
+    forward: PathStr = Field(
+        description="Local seq2seq model directory (model + tokenizer, save_pretrained) "
+        "translating into the pivot language; relative paths follow the config-path rule."
+    )
+    backward: PathStr = Field(
+        description="Local seq2seq model directory translating back from the pivot language."
+    )
     max_new_tokens: int = Field(128, gt=0, description="Longest translation generated.")
     batch_size: int = Field(16, gt=0, description="Texts translated at once.")
 
 
 class TextAugmentConfig(Section):
-    """EDA-style changes to training texts (Wei & Zou 2019, "EDA: Easy Data Augmentation
-    Techniques"), and back-translation. Each training row gains `copies` augmented rows;
-    validation and test rows are never changed. Deterministic for train.seed, and prepared
-    (and cached) with the rest of the data."""
+    """EDA changes to training texts (Wei & Zou 2019, "EDA: Easy Data Augmentation
+    Techniques"), and back-translation. Each training row gains up to `copies` augmented
+    rows, each made by one technique drawn among those enabled (a rate > 0, or
+    back_translation set). What changes: the text field (format text), instruction and
+    input (alpaca), user turns (chat), text_field and text_pair_field (classification,
+    regression); responses and labels never. Validation and test rows are never changed.
+    Deterministic for train.seed and row, and prepared (and cached) with the rest of the
+    data; not with data.streaming."""
 
-    copies: int = Field(1, ge=1, le=64, description="Augmented copies of each training row.")
+    copies: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Augmented copies of each training row; a copy equal to its row or to "
+        "an earlier copy is skipped.",
+    )
     synonym_replacement: float = Field(
-        0.0, ge=0, le=1, description="Share of words replaced by a synonym."
+        0.0,
+        ge=0,
+        le=1,
+        description="Replace this share of a text's words (rounded, at least one) by a "
+        "synonym; 0: off.",
     )
     random_insertion: float = Field(
-        0.0, ge=0, le=1, description="Share of words for which a synonym is inserted anywhere."
+        0.0,
+        ge=0,
+        le=1,
+        description="Insert this share of a text's word count (rounded, at least one) of "
+        "synonyms of its words, at random places; 0: off.",
     )
-    random_swap: float = Field(0.0, ge=0, le=1, description="Share of words swapped in pairs.")
+    random_swap: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Swap two random words, this share of the word count times (rounded, at "
+        "least once); 0: off.",
+    )
     random_deletion: float = Field(
-        0.0, ge=0, le=1, description="Probability of deleting each word."
+        0.0,
+        ge=0,
+        le=1,
+        description="Delete each word with this probability (never every word); 0: off.",
     )
     synonyms: PathStr | None = Field(
         None,
-        description="Synonyms: a .json file {word: [synonym, ...]} or a text file, one group "
-        "of interchangeable words per line; 'wordnet' reads NLTK's WordNet (pip install nltk "
-        "and its wordnet corpus). Needed by synonym_replacement and random_insertion.",
+        description="Synonyms: a .json file {word: [synonym, ...]}, or a text file with one "
+        "group of interchangeable words per line (comma-separated, or whitespace-separated "
+        "when a line has no comma); 'wordnet' reads NLTK's WordNet (pip install "
+        "'bigft[nlp]', then python -m nltk.downloader wordnet). Needed by "
+        "synonym_replacement and random_insertion.",
     )
     back_translation: BackTranslationConfig | None = Field(
         None, description="Paraphrase through two translation models; null: off."
@@ -292,6 +330,16 @@ class TextAugmentConfig(Section):
 
     @model_validator(mode="after")
     def _has_synonyms(self) -> TextAugmentConfig:
+        rates = [self.synonym_replacement, self.random_insertion]
+        if (
+            not any([*rates, self.random_swap, self.random_deletion])
+            and self.back_translation is None
+        ):
+            raise ValueError(
+                "enables no technique: set a rate (synonym_replacement, random_insertion, "
+                "random_swap, random_deletion) above 0 or back_translation, or write "
+                "text: null"
+            )
         if (self.synonym_replacement or self.random_insertion) and self.synonyms is None:
             raise ValueError(
                 "synonym_replacement / random_insertion need data.augment.text.synonyms "
@@ -1320,6 +1368,11 @@ class Config(Section):
             raise ValueError(
                 "data.near_duplicates compares every row with every other: not with "
                 "data.streaming (prepare the data instead)"
+            )
+        if d.streaming and d.augment.text is not None:
+            raise ValueError(
+                "data.augment.text: augmented rows are made when the data is prepared; "
+                "not with data.streaming"
             )
         if d.augment.image is not None and self.task not in IMAGE_TASKS:
             raise ValueError(

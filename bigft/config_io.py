@@ -253,6 +253,15 @@ def _resolve_paths(config: Config, rule: _PathRule) -> None:
         value = getattr(section, attr)
         if value:
             setattr(section, attr, rule.resolve((name, attr), value, kind))
+    text = data.augment.text
+    if text is not None:
+        key = ("data", "augment", "text")
+        if text.synonyms and text.synonyms != "wordnet":
+            text.synonyms = rule.resolve((*key, "synonyms"), text.synonyms)
+        if text.back_translation is not None:
+            bt, at = text.back_translation, (*key, "back_translation")
+            bt.forward = rule.resolve((*at, "forward"), bt.forward)
+            bt.backward = rule.resolve((*at, "backward"), bt.backward)
     config.output_dir = rule.resolve(("output_dir",), config.output_dir, "output")
     if config.train.resume not in ("auto", "never"):
         config.train.resume = rule.resolve(("train", "resume"), config.train.resume)

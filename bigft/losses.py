@@ -43,8 +43,9 @@ def count_targets(batch: Batch) -> int:
 
 
 # Batch entries for bigft's loss, never for the model: the labels (bigft computes the
-# loss itself) and each token's source in a mixture (the per-source loss).
-NOT_MODEL_INPUTS = ("labels", "source_ids")
+# loss itself), each token's source in a mixture (the per-source loss) and each caption's
+# id (contrastive retrieval metrics).
+NOT_MODEL_INPUTS = ("labels", "source_ids", "caption_ids")
 
 
 def model_inputs(batch: Batch) -> Batch:

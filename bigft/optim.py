@@ -15,6 +15,7 @@ from torch import nn
 
 from bigft.config import OptimConfig, ScheduleConfig
 from bigft.errors import BigftError, ConfigError, require
+from bigft.model.heads import head_modules, input_embedding_modules, param_ids
 from bigft.model.methods import find_decoder_layers, layer_index
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,6 @@ class LrRules:
         return cls(cfg.lr, cfg.layer_decay, cfg.lr_adapters, cfg.lr_head, cfg.lr_embeddings)
 
 
-def _part_ids(model: nn.Module, getter: str) -> set[int]:
-    module = getattr(model, getter, lambda: None)()
-    return {id(p) for p in module.parameters()} if module is not None else set()
-
-
 def _lr_and_label(
     name: str, param: nn.Parameter, rules: LrRules, parts: dict[str, Any]
 ) -> tuple[float, str]:
@@ -99,8 +95,8 @@ def param_groups(
     """
     parts: dict[str, Any] = {"n_layers": 0, "layers_attr": "layers"}
     if rules is not None:
-        parts["head"] = _part_ids(model, "get_output_embeddings")
-        parts["embeddings"] = _part_ids(model, "get_input_embeddings")
+        parts["head"] = param_ids(head_modules(model))
+        parts["embeddings"] = param_ids(input_embedding_modules(model))
         with contextlib.suppress(BigftError):
             parts["layers_attr"], parts["n_layers"] = find_decoder_layers(model)
     groups: dict[tuple[float | None, bool], dict[str, Any]] = {}

@@ -25,6 +25,7 @@ from bigft.commands.common import (
     quiet_libraries,
     user_errors,
 )
+from bigft.commands.compress import FORMATS_HELP, export_quantized, prune
 from bigft.commands.plan import plan  # imports no torch: --simulate does, when run
 from bigft.commands.slurm import slurm_app
 from bigft.errors import BigftError
@@ -323,8 +324,12 @@ def export(
         help="Replace an existing --out that is not a bigft export (never the run's own "
         "directory or a folder holding it).",
     ),
+    quantize: str | None = typer.Option(None, "--quantize", "-q", help=FORMATS_HELP),
 ) -> None:
-    """Export a run's final model: the adapter as is, or merged into a full model."""
+    """Export a run's final model: the adapter as is, merged into a full model, or
+    quantized (scored before and after on the run's test split)."""
+    if quantize is not None:
+        return export_quantized(run_dir, out_dir, quantize, merge, overwrite)
     quiet_libraries()
     from bigft.model.export import export_run
 
@@ -338,6 +343,7 @@ def export(
 
 
 app.command("plan")(plan)
+app.command("prune")(prune)
 
 
 @app.command("report")

@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from bigft.config import Config, DataConfig
+from bigft.config import IMAGE_TASKS, Config, DataConfig
+from bigft.data.augment_rows import RowTexts, augment_split
+from bigft.data.augment_text import TextAugmenter
+from bigft.data.labels import label_names_from
 from bigft.data.packing import Collator, needs_flat_packing
 from bigft.data.pipeline import (
     DataStats,
@@ -30,31 +33,6 @@ from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
 
 IGNORE_LABEL = -100
-
-
-def label_names_from(cfg: DataConfig, read: Callable[[str], Dataset] = load_rows) -> list[str]:
-    """The class names in id order: data.label_names, or the sorted distinct labels of the
-    training files (integers sort numerically); `read` loads a file's raw rows."""
-    if cfg.label_names is not None:
-        if len(set(cfg.label_names)) != len(cfg.label_names) or len(cfg.label_names) < 2:
-            raise DataError("data.label_names: list at least two distinct classes")
-        return list(cfg.label_names)
-    values: set[Any] = set()
-    for path in cfg.train_files:
-        rows = read(path)
-        if cfg.label_field not in rows.column_names:
-            raise DataError(f"{path}: rows have no '{cfg.label_field}' column (data.label_field)")
-        values.update(v for v in rows[cfg.label_field] if v is not None)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        names = [str(v) for v in sorted(values)]
-    else:
-        names = sorted(str(v) for v in values)
-    if len(names) < 2:
-        raise DataError(
-            f"{', '.join(cfg.train_files)}: the training rows hold {len(names)} distinct "
-            f"label(s) in '{cfg.label_field}'; classification needs at least two"
-        )
-    return names
 
 
 class _Encode:
@@ -137,26 +115,30 @@ def prepare_labeled(
             loaded[path] = load_rows(path)
         return loaded[path]
 
+    augment = cfg.augment.text
+    augmenter = TextAugmenter(augment, seed) if augment is not None else None  # fails early
     names = label_names_from(cfg, read) if task == "classification" else None
     encode = _Encode(cfg, tokenizer, seq_len, names)
 
+    def encode_rows(raw: Dataset, path: str) -> Dataset:
+        """Encoded rows, with their `source` and `row` (what augmentation reads again)."""
+        out = raw.map(
+            encode,
+            batched=True,
+            remove_columns=raw.column_names,
+            load_from_cache_file=False,
+            keep_in_memory=True,
+            desc=f"tokenizing {path}",
+        )
+        errors = out["error"]
+        bad = next((i for i, e in enumerate(errors) if e), None)
+        if bad is not None:
+            raise DataError(f"{row_location(path, bad)}: {errors[bad]}")
+        out = out.remove_columns("error").add_column("source", [path] * len(out))
+        return out.add_column("row", np.arange(len(out), dtype=np.int64))
+
     def load(paths: list[str]) -> Dataset:
-        parts = []
-        for path in paths:
-            raw = read(path)
-            out = raw.map(
-                encode,
-                batched=True,
-                remove_columns=raw.column_names,
-                load_from_cache_file=False,
-                keep_in_memory=True,
-                desc=f"tokenizing {path}",
-            )
-            errors = out["error"]
-            bad = next((i for i, e in enumerate(errors) if e), None)
-            if bad is not None:
-                raise DataError(f"{row_location(path, bad)}: {errors[bad]}")
-            parts.append(out.remove_columns("error"))
+        parts = [encode_rows(read(path), path) for path in paths]
         if len(parts) == 1:
             return parts[0]
         from datasets import concatenate_datasets
@@ -164,8 +146,22 @@ def prepare_labeled(
         return concatenate_datasets(parts)
 
     parts, sources = assemble_splits(cfg, load, seed)
+    report = None
+    if augmenter is not None:  # after the split: held-out rows are never augmented
+        texts = RowTexts([cfg.text_field, *([cfg.text_pair_field] if cfg.text_pair_field else [])])
+        parts["train"], report = augment_split(
+            parts["train"],
+            cfg.train_files,
+            lambda i: texts,
+            augmenter,
+            lambda raw, i: encode_rows(raw, f"{cfg.train_files[i]} (augmented)"),
+        )
     stats = {name: _stats(ds, sources[name], seq_len) for name, ds in parts.items()}
-    cleaned = {name: ds.remove_columns("length") for name, ds in parts.items()}
+    if report is not None:
+        stats["train"].augmented = report.added
+        stats["train"].augmented_examples = report.examples
+    bookkeeping = ["length", "source", "row"]
+    cleaned = {name: ds.remove_columns(bookkeeping) for name, ds in parts.items()}
     data = PreparedData(
         cleaned["train"],
         cleaned.get("validation"),
@@ -212,12 +208,37 @@ class LabelCollator:
 
 
 def make_collator(
-    cfg: Config, tokenizer: Any, attn_implementation: str | None = None
+    cfg: Config,
+    tokenizer: Any,
+    attn_implementation: str | None = None,
+    label_names: Sequence[str] | None = None,
+    train: bool = False,
 ) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
-    """Batches for the task: token rows (packed or padded) or labelled rows.
+    """Batches for the task: token rows (packed or padded), labelled rows, or images.
 
     `attn_implementation` is the one the loaded model runs: packed rows are flattened to
-    one row when it isolates sequences only in that shape (flash-attention)."""
+    one row when it isolates sequences only in that shape (flash-attention). `tokenizer`
+    is the task's preprocessor (an image processor, a processor). Contrastive batches
+    carry the class prompts of `label_names` for evaluation (zero-shot accuracy), and in
+    training (`train`) when contrastive.classification_weight asks for them."""
+    if cfg.task in IMAGE_TASKS:
+        from bigft.data.images import ImageCollator
+
+        contrastive = cfg.task == "contrastive"
+        wanted = not train or cfg.contrastive.classification_weight > 0
+        prompts = (
+            [cfg.contrastive.prompt.replace("{label}", name) for name in label_names]
+            if contrastive and label_names and wanted
+            else None
+        )
+        return ImageCollator(
+            tokenizer,
+            cfg.data.augment.image,
+            cfg.train.seed,
+            prompts,
+            cfg.train.seq_len if contrastive else None,
+            contrastive,
+        )
     if cfg.task == "causal_lm":
         flat = cfg.data.packing and needs_flat_packing(attn_implementation)
         return Collator(tokenizer.pad_token_id, packed=cfg.data.packing, flatten=flat)

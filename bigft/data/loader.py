@@ -162,8 +162,11 @@ class TrainLoader:
             c.n, c.batch_size, c.rank, c.world_size, c.seed, c.shuffle, c.drop_last
         )
         sampler.load_state_dict(c.state_dict())
+        batches: Any = (
+            _EpochTagged(sampler) if getattr(self.dataset, "wants_epoch", False) else sampler
+        )
         loader = data_loader(
-            self.dataset, sampler, self.collate, self.workers, self.pin_memory, self.prefetch
+            self.dataset, batches, self.collate, self.workers, self.pin_memory, self.prefetch
         )
         for batch in loader:
             # Advance before yielding: a state_dict taken while the consumer holds this
@@ -172,6 +175,19 @@ class TrainLoader:
             if self._record is not None:
                 self._record(c.epoch, positions, rows)
             yield batch
+
+
+class _EpochTagged(Sampler[list[tuple[int, int]]]):
+    """A sampler's batches as (epoch, row) pairs, for rows whose treatment depends on the
+    epoch (`bigft.data.images.EpochRows`: image augmentation)."""
+
+    def __init__(self, sampler: ShardedBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            rows = self.sampler.advance()[1]
+            yield [(self.sampler.epoch, int(r)) for r in rows]
 
 
 def data_loader(

@@ -2,7 +2,8 @@
 
 Order: load (every train file) -> format + tokenize (`datasets.map`, cached) -> stop at the
 first invalid row -> deterministic split by ratios (splits with their own file are not
-taken from train) -> clean each split (empty, duplicate, over-long; optionally too
+taken from train) -> augment the train split's texts (data.augment.text,
+`bigft.data.augment_rows`) -> clean each split (empty, duplicate, over-long; optionally too
 short, another language, near-duplicate: `bigft.data.clean`) -> statistics.
 Everything a user can get wrong in the data is found here, before any run directory,
 model or GPU is touched.
@@ -21,13 +22,15 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets
 
 from bigft import __version__
 from bigft.config import DataConfig, TrainSource
+from bigft.data.augment_rows import RowTexts, augment_split
+from bigft.data.augment_text import TextAugmenter
 from bigft.data.clean import NearDuplicates, Screen, language_detector
 from bigft.data.dedup import ExactDuplicates
 from bigft.data.formats import IGNORE_INDEX, FormatSpec, Formatter
 from bigft.data.mixture import SOURCE
 from bigft.data.packing import PackingPlan, row_lengths
 from bigft.data.sources import load_rows, row_location
-from bigft.errors import DataError, RowError
+from bigft.errors import ConfigError, DataError, RowError
 
 SPLITS = ("train", "validation", "test")
 DROP_REASONS = ("empty", "duplicate", "too_long", "too_short", "language", "near_duplicate")
@@ -65,6 +68,10 @@ class SplitStats:
     target_tokens: int = 0
     # reason -> up to two dropped rows: location, detail, text (bigft.data.clean.Screen)
     removed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # rows added by data.augment.text (counted in rows_loaded, then cleaned like any row),
+    # and a few of them with their originals (bigft.data.augment_rows.AugmentReport)
+    augmented: int = 0
+    augmented_examples: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +111,10 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
     near = NearDuplicates(cfg.near_duplicates) if cfg.near_duplicates is not None else None
     if cfg.languages is not None:
         language_detector()  # the optional package is there
+    augment = cfg.augment.text
+    if augment is not None and cfg.streaming:  # here "train" is a held-out file
+        raise ConfigError("data.augment.text: not with data.streaming")
+    augmenter = TextAugmenter(augment, seed) if augment is not None else None  # fails early
     tokenize = _Tokenize(
         formatter_for(cfg, tokenizer), seq_len, cfg.overlong == "truncate", cfg.num_proc, cfg.cache
     )
@@ -121,6 +132,19 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
     parts, sources = assemble_splits(cfg, tokenize.files, seed, load_train)
+    report = None
+    if augmenter is not None:  # after the split: held-out rows are never augmented
+
+        def texts_of(i: int) -> RowTexts:
+            s = train_sources[i]
+            return RowTexts.of_format(s.format or cfg.format, s.text_field or cfg.text_field)
+
+        def encode(raw: Dataset, i: int) -> Dataset:
+            s = train_sources[i]
+            return tokenize.rows(raw, s.path + " (augmented)", formatter_for(cfg, tokenizer, s))
+
+        paths = [s.path for s in train_sources]
+        parts["train"], report = augment_split(parts["train"], paths, texts_of, augmenter, encode)
 
     # Clean in a fixed order sharing one set of digests: a row duplicated across splits is
     # dropped from validation/test, never from train, so evaluation never sees train rows.
@@ -136,6 +160,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Pr
             parts[name], sources[name], seen, near, seq_len, cfg, tokenizer
         )
         seen.next_split()
+    if report is not None:
+        stats["train"].augmented = report.added
+        stats["train"].augmented_examples = report.examples
     train = cleaned["train"]
     if train is None:
         s = stats["train"]
@@ -238,7 +265,10 @@ class _Tokenize:
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
     def file(self, path: str, formatter: Formatter | None = None) -> Dataset:
-        raw = load_rows(path)
+        return self.rows(load_rows(path), path, formatter)
+
+    def rows(self, raw: Dataset, path: str, formatter: Formatter | None = None) -> Dataset:
+        """Tokenize `raw`, the rows of `path`; a DataError names the first bad row."""
         num_proc = min(self.num_proc, len(raw))
         fn_kwargs = (
             self.fn_kwargs if formatter is None else {**self.fn_kwargs, "formatter": formatter}

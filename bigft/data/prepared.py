@@ -4,8 +4,9 @@ and reused by every process and every later run that asks for the same thing.
 A preparation is a folder `<store>/<fingerprint>/` holding each split as an Arrow dataset
 (`Dataset.save_to_disk`, memory-mapped when loaded), the statistics and the class names.
 The fingerprint covers everything the rows depend on: the data settings, the files (path,
-size, modification time), the tokenizer (its vocabulary, merges, special tokens and chat
-template), train.seq_len, train.seed (the split) and the task, and bigft's version.
+size, modification time), what text augmentation reads (the synonyms file's contents, the
+back-translation model directories' files), the tokenizer (its vocabulary, merges, special
+tokens and chat template), train.seq_len, train.seed (the split) and the task, and bigft's version.
 
 One process prepares; the others wait on a file, not in a collective with a timeout. The
 first to create `<fingerprint>.lock` (O_EXCL) writes into a temporary folder of its own
@@ -42,7 +43,7 @@ import numpy as np
 from datasets import Dataset
 
 from bigft import __version__
-from bigft.config import Config, DataConfig
+from bigft.config import IMAGE_TASKS, Config, DataConfig, TextAugmentConfig
 from bigft.data.packing import PackingPlan
 from bigft.data.pipeline import SPLITS, DataStats, PreparedData, SplitStats
 from bigft.errors import DataError
@@ -112,7 +113,21 @@ def fingerprint(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: 
         "files": {str(p): _file_state(str(p)) for p in sources},
         "tokenizer": _tokenizer_digest(tokenizer),
     }
+    if cfg.augment.text is not None:  # its settings are in "data"; these are its inputs
+        inputs["augment_text"] = _augment_inputs(cfg.augment.text)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _augment_inputs(cfg: TextAugmentConfig) -> dict[str, Any]:
+    """What data.augment.text reads: the synonyms file's contents (a digest), the
+    back-translation model directories' files (size, modification time)."""
+    out: dict[str, Any] = {}
+    if cfg.synonyms and cfg.synonyms != "wordnet" and Path(cfg.synonyms).is_file():
+        out["synonyms"] = hashlib.sha256(Path(cfg.synonyms).read_bytes()).hexdigest()
+    if cfg.back_translation is not None:
+        bt = cfg.back_translation
+        out["back_translation"] = [_file_state(bt.forward), _file_state(bt.backward)]
+    return out
 
 
 def _file_state(path: str) -> list[Any]:
@@ -297,6 +312,13 @@ def prepared_for_task(
     from bigft.data.streaming import prepare_heldout
 
     seq_len, seed = cfg.train.seq_len, cfg.train.seed
+    if cfg.task in IMAGE_TASKS:
+        # Image rows hold references, checked in one pass over the files: nothing to store.
+        from bigft.data.images import prepare_images
+
+        start = time.perf_counter()
+        data, names = prepare_images(cfg)
+        return data, names, Preparation(None, "", "checked", time.perf_counter() - start)
 
     def prepare() -> Prepared:
         if cfg.data.streaming:
@@ -308,6 +330,8 @@ def prepared_for_task(
 
 def preparation_text(p: Preparation) -> str:
     """One line on where the data came from, for the start-up output."""
+    if p.outcome == "checked":
+        return f"data: images checked in {p.seconds:.1f} s (read and augmented as batches are made)"
     if p.path is None:
         return f"data: prepared in memory in {p.seconds:.1f} s (data.cache is false)"
     verb = {

@@ -1,6 +1,7 @@
 """Show what the model will be trained on: formatted examples with the masked span
-visibly different, then the cleaning and length statistics and what cleaning removed, with
-example rows by file and line (`bigft data preview`)."""
+visibly different, training rows next to their augmented copies (data.augment.text), then
+the cleaning and length statistics and what cleaning removed, with example rows by file
+and line (`bigft data preview`)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def stats_table(prepared: PreparedData) -> Table:
     reasons = [
         r for r in DROP_REASONS if r in BASE_REASONS or any(s.dropped.get(r) for s in splits)
     ]
-    for name in ("loaded", "kept", *reasons, "truncated", "p50", "p90", "p99", "max"):
+    augmented = any(s.augmented for s in splits)  # data.augment.text: counted in loaded
+    counts = ("loaded", *(["augmented"] if augmented else []), "kept", *reasons)
+    for name in (*counts, "truncated", "p50", "p90", "p99", "max"):
         table.add_column(name, justify="right")
     table.add_column("target tokens", justify="right")
     for name, s in prepared.stats.splits.items():
@@ -56,6 +59,7 @@ def stats_table(prepared: PreparedData) -> Table:
             name,
             s.source,
             str(s.rows_loaded),
+            *([str(s.augmented)] if augmented else []),
             str(s.rows_kept),
             *(str(s.dropped.get(r, 0)) for r in reasons),
             str(s.truncated),
@@ -87,6 +91,9 @@ def preview(prepared: PreparedData, tokenizer: Any, console: Console, n: int = 3
         else:  # a rule spans the console, which has no width in a file
             console.print(f"--- {title} ---", highlight=False)
         console.print(render_example(row["input_ids"], row["labels"], tokenizer))
+    train = prepared.stats.splits.get("train")
+    for line in augmentation_examples(train, n) if train is not None else []:
+        console.print(line, soft_wrap=True)
     console.print(stats_table(prepared))
     for name, stats in prepared.stats.splits.items():
         for line in removal_report(name, stats):
@@ -94,13 +101,50 @@ def preview(prepared: PreparedData, tokenizer: Any, console: Console, n: int = 3
             console.print(line, soft_wrap=True)
 
 
+def augmentation_examples(stats: SplitStats, n: int) -> list[Text]:
+    """Up to `n` training rows' texts, each followed by its augmented copies (the texts
+    that were tokenized for training), labelled original / copy k (technique)."""
+    if not stats.augmented_examples:
+        return []
+    lines = [
+        Text(
+            f"--- text augmentation (data.augment.text): {stats.augmented} rows added to "
+            "train; original rows and their augmented copies ---"
+        )
+    ]
+    for example in stats.augmented_examples[:n]:
+        lines.append(Text(example["location"], style="cyan"))
+        versions = [("original", example["original"])] + [
+            (f"copy {k} ({c['technique']})", c["texts"]) for k, c in enumerate(example["copies"], 1)
+        ]
+        # A field empty in every version (an alpaca row without input) is not shown.
+        shown = [j for j in range(len(example["fields"])) if any(v[j] for _, v in versions)]
+        for label, texts in versions:
+            for j in shown:
+                field = example["fields"][j]
+                lines.append(Text.assemble(f"  {label:<30} ", (f"{field}: ", "bold"), texts[j]))
+    return lines
+
+
 def removal_report(name: str, stats: SplitStats) -> list[Text]:
-    """What cleaning removed from one split and why: rows per reason and, under each, the
-    example rows recorded (location, why, start of the trained-on text)."""
+    """What augmentation added to one split (data.augment.text), then what cleaning
+    removed from it and why: rows per reason and, under each, the example rows recorded
+    (location, why, start of the trained-on text)."""
+    added = []
+    if stats.augmented:
+        added = [
+            Text(
+                f"added to {name}: {stats.augmented} augmented rows (data.augment.text; "
+                "cleaned like any row)"
+            )
+        ]
     dropped = {r: n for r, n in stats.dropped.items() if n}
     if not dropped:
-        return [Text(f"removed from {name}: nothing")]
-    lines = [Text(f"removed from {name}: {sum(dropped.values())} of {stats.rows_loaded} rows")]
+        return [*added, Text(f"removed from {name}: nothing")]
+    lines = [
+        *added,
+        Text(f"removed from {name}: {sum(dropped.values())} of {stats.rows_loaded} rows"),
+    ]
     for reason, count in dropped.items():
         lines.append(Text.assemble("  ", (reason, "bold"), f": {count}"))
         for example in stats.removed.get(reason, []):

@@ -139,6 +139,46 @@ def evaluate_labeled(
     return {"eval_loss": mean, **classification_metrics(logits_np, labels_np, label_names)}
 
 
+@torch.no_grad()
+def evaluate_contrastive(
+    model: Any, batches: Iterable[dict[str, torch.Tensor]], accelerator: Accelerator
+) -> dict[str, Any]:
+    """Task contrastive over all processes: the InfoNCE of the whole split as one batch,
+    image->text and text->image recall@1/@5 (identical captions count as one), and
+    zero-shot accuracy over the class prompts the batches carry
+    (`bigft.contrastive.metrics_of`)."""
+    from accelerate.utils import gather_object
+
+    from bigft.contrastive import embed, logit_scale, metrics_of
+
+    was_training = model.training
+    model.eval()
+    local: list[tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]] = []
+    prompts: torch.Tensor | None = None
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        images, texts = embed(model, batch)
+        rows = batch["labels"].shape[0]
+        keep = batch["labels"] != -100  # filler rows of a short process
+        if prompts is None and texts.shape[0] > rows:
+            prompts = texts[rows:].cpu()
+        keys = batch["caption_ids"][keep].tolist()
+        local.append(
+            (images[keep].cpu(), texts[:rows][keep].cpu(), keys, batch["labels"][keep].cpu())
+        )
+    model.train(was_training)
+    scale = float(logit_scale(accelerator.unwrap_model(model)))
+    parts = gather_object(local) if accelerator.num_processes > 1 else local
+    if not parts or sum(len(k) for _, _, k, _ in parts) == 0:
+        return {}
+    images = torch.cat([p[0] for p in parts])
+    texts = torch.cat([p[1] for p in parts])
+    captions = [str(k) for p in parts for k in p[2]]
+    labels = torch.cat([p[3] for p in parts])
+    result = metrics_of(images, texts, captions, scale, prompts, labels)
+    return {**result, "eval_examples": len(captions), "temperature": 1.0 / scale}
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)

@@ -22,7 +22,13 @@ from bigft.data.labeled import make_collator
 from bigft.data.mixture import SOURCE, sources_of
 from bigft.engine.accelerator import print_on_main
 from bigft.errors import BigftError
-from bigft.eval.metrics import evaluate_labeled, evaluate_loss, exact_match, load_scorer
+from bigft.eval.metrics import (
+    evaluate_contrastive,
+    evaluate_labeled,
+    evaluate_loss,
+    exact_match,
+    load_scorer,
+)
 from bigft.loop.run import EvalContext
 from bigft.model.attention import attention_implementation
 
@@ -34,7 +40,10 @@ def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
     generates the same examples, so sharded engines stay in step), logged at `step`."""
     cfg = ctx.cfg
     result: dict[str, Any] = {}
-    if getattr(ctx.data, split) is not None and cfg.task != "causal_lm":
+    if getattr(ctx.data, split) is not None and cfg.task == "contrastive":
+        batches = eval_batches(ctx, split)
+        result.update(evaluate_contrastive(ctx.model, batches, ctx.accelerator))
+    elif getattr(ctx.data, split) is not None and cfg.task != "causal_lm":
         batches = eval_batches(ctx, split)
         result.update(evaluate_labeled(ctx.model, batches, ctx.accelerator, ctx.label_names))
     elif getattr(ctx.data, split) is not None:
@@ -104,7 +113,9 @@ def eval_batches(ctx: EvalContext, rows_or_split: Any) -> Iterator[Batch]:
     cfg = ctx.cfg
     if cfg.data.packing and cfg.task == "causal_lm":
         rows = pack(rows, cfg.train.seq_len, cfg.train.seed, ctx.tokenizer.pad_token_id)
-    collate = make_collator(cfg, ctx.tokenizer, attention_implementation(ctx.model))
+    collate = make_collator(
+        cfg, ctx.tokenizer, attention_implementation(ctx.model), ctx.label_names
+    )
     batches, count = rank_batches(
         rows,
         cfg.eval.batch_size or ctx.layout.micro_batch_size,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from bigft.config import TASK_METRICS, Config, DataConfig
+from bigft.config import IMAGE_TASKS, TASK_METRICS, Config, DataConfig
 from bigft.config_io import load_config
 from bigft.errors import BigftError, DataError, require
 
@@ -114,7 +114,8 @@ def _run_job(run_dir: Path, data: str | None, task: str | None, overrides: list[
     values: dict[str, Any] = {"train": {"resume": "never"}, "model": {}}
     if not adapter:  # an adapter goes onto the base the run names
         values["model"]["name_or_path"] = str(final)
-    if (final / "tokenizer_config.json").is_file():
+    saved = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+    if any((final / f).is_file() for f in saved):
         values["model"]["tokenizer"] = str(final)  # the tokenizer the run trained with
     if task is not None:
         values["task"] = task
@@ -186,7 +187,7 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     from bigft.engine.settings import batch_layout, world_size_from_env
     from bigft.eval.split import evaluate_split
     from bigft.loop.run import EvalContext
-    from bigft.model.load import load_configured_model, load_tokenizer
+    from bigft.model.load import load_configured_model, load_preprocessor, pad_token_id
     from bigft.tracking import MetricsLog
 
     cfg = job.cfg
@@ -196,14 +197,19 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
         cfg.parallel.strategy = "ddp"
     layout = batch_layout(cfg.train, world_size_from_env(), None)
     accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
-    tokenizer = load_tokenizer(cfg.model)
-    if cfg.task == "classification" and cfg.data.label_names is None:
+    tokenizer = load_preprocessor(cfg)
+    if cfg.task in ("classification", "image_classification") and cfg.data.label_names is None:
         cfg.data.label_names = _trained_label_names(job)
-    data, label_names = prepare_for_task(
-        cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
-    )
+    if cfg.task in IMAGE_TASKS:
+        from bigft.data.images import prepare_images
+
+        data, label_names = prepare_images(cfg)
+    else:
+        data, label_names = prepare_for_task(
+            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
+        )
     method = cfg.method.name if job.adapter is not None else "full"
-    model = load_configured_model(cfg, label_names, tokenizer.pad_token_id, method)
+    model = load_configured_model(cfg, label_names, pad_token_id(tokenizer), method)
     if job.adapter is not None:
         require("peft", "lora", "scoring an adapter")
         from peft import PeftModel

@@ -20,9 +20,10 @@ from rich.markup import escape
 
 from bigft import faults, rundir
 from bigft.chunked_loss import prepare_loss
-from bigft.config import Config
+from bigft.config import IMAGE_TASKS, Config
 from bigft.config_io import dump_config, redacted_config
 from bigft.data import PreparedData, TrainLoader, pack
+from bigft.data.images import EpochRows
 from bigft.data.labeled import make_collator
 from bigft.data.mixture import SourceShare, mix
 from bigft.data.prepared import preparation_text, prepared_for_task
@@ -42,7 +43,7 @@ from bigft.loop.run import Run
 from bigft.model.attention import attention_implementation
 from bigft.model.checks import check_model_config, check_model_dir
 from bigft.model.compiled import compile_layers
-from bigft.model.load import load_configured_model, load_model, load_tokenizer
+from bigft.model.load import load_configured_model, load_model, load_preprocessor, pad_token_id
 from bigft.model.methods import apply_method
 from bigft.optim import build_optimizer, build_scheduler
 from bigft.tracking import (
@@ -74,7 +75,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     accelerator.gradient_accumulation_steps = layout.grad_accum
     set_seed(cfg.train.seed)
     _check_model_sources(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_preprocessor(cfg)  # a tokenizer, an image processor or a processor
     data, label_names, preparation = prepared_for_task(cfg, tokenizer)
 
     if tracks_best(cfg) and data.validation is None:
@@ -84,7 +85,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         )
     if cfg.eval.scorer is not None:
         load_scorer(cfg.eval.scorer)  # a bad name fails now, not at the first evaluation
-    loader, shares = _train_loader(cfg, data, tokenizer, layout, accelerator)
+    loader, shares = _train_loader(cfg, data, tokenizer, layout, accelerator, label_names)
     total_steps = cfg.train.steps or max(
         1, math.floor(cfg.train.epochs * loader.batches_per_epoch / layout.grad_accum)
     )
@@ -92,13 +93,15 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     model = load_configured_model(
         cfg,
         label_names,
-        tokenizer.pad_token_id,
+        pad_token_id(tokenizer),
         cfg.method.name,
         # FSDP2 fills every rank's shards from rank 0 at prepare
         from_rank0=cfg.parallel.strategy == "fsdp2" and cfg.parallel.fsdp_cpu_ram_efficient_loading,
     )
     # Batches are shaped for the attention implementation the model really runs.
-    loader.collate = make_collator(cfg, tokenizer, attention_implementation(model))
+    loader.collate = make_collator(
+        cfg, tokenizer, attention_implementation(model), label_names, train=True
+    )
     model = apply_method(model, cfg)
     # The causal-LM loss in token chunks (train.loss_impl); updated if the model falls back.
     loss_info = (
@@ -122,7 +125,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     output_dir = _prepare_output_dir(cfg, accelerator, overwrite)  # the first write
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
-        teacher = _load_teacher(cfg, label_names, tokenizer.pad_token_id, accelerator)
+        teacher = _load_teacher(cfg, label_names, pad_token_id(tokenizer), accelerator)
         run = Run(
             cfg=cfg,
             accelerator=accelerator,
@@ -155,7 +158,12 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
 
 
 def _train_loader(
-    cfg: Config, data: PreparedData, tokenizer: Any, layout: Any, accelerator: Accelerator
+    cfg: Config,
+    data: PreparedData,
+    tokenizer: Any,
+    layout: Any,
+    accelerator: Accelerator,
+    label_names: list[str] | None = None,
 ) -> tuple[TrainLoader | StreamLoader, list[SourceShare]]:
     """This process's training batches (prepared rows, mixed and packed, or a stream),
     and each source's share of an epoch (a mixture of prepared sources)."""
@@ -165,7 +173,8 @@ def _train_loader(
         "batch_size": layout.micro_batch_size,
         "rank": accelerator.process_index,
         "world_size": accelerator.num_processes,
-        "collate": make_collator(cfg, tokenizer),  # replaced once the model is loaded
+        # replaced once the model is loaded
+        "collate": make_collator(cfg, tokenizer, None, label_names, train=True),
         "workers": (2 if on_gpu else 0)
         if cfg.data.loader_workers is None
         else cfg.data.loader_workers,
@@ -181,6 +190,8 @@ def _train_loader(
     if packed:  # the prepared rows come with their packing plan; a mixture is packed now
         plan = data.train_plan if rows is data.train else None
         rows = pack(rows, seq_len, seed, tokenizer.pad_token_id, plan)
+    if cfg.task in IMAGE_TASKS:  # images are augmented per (epoch, row)
+        rows = EpochRows(rows)
     return TrainLoader(rows, seed=seed, shuffle=cfg.data.shuffle, **options), shares
 
 
@@ -197,7 +208,7 @@ def _check_model_sources(cfg: Config) -> None:
 
 
 def _load_teacher(
-    cfg: Config, label_names: list[str] | None, pad_token_id: int, accelerator: Accelerator
+    cfg: Config, label_names: list[str] | None, pad_token_id: int | None, accelerator: Accelerator
 ) -> Any:
     """distill.teacher: frozen, in eval mode, laid out like the student.
 

@@ -54,7 +54,7 @@ def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[s
     for host_batch in micro_batches:
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in host_batch.items()}
         with acc.accumulate(model):
-            summed, _ = loss_sum(model, batch, run.teacher, *_distill_args(run), by_source)
+            summed = _loss_sum(run, batch, by_source)
             if run.state.step + 1 in run.nonfinite_steps:  # a test's fault (bigft.faults)
                 summed = summed * float("nan")
             acc.backward(summed * scale)
@@ -187,12 +187,22 @@ def _grads_nonfinite(model: Any) -> torch.Tensor:
     return (~torch.stack([g.isfinite().all() for g in local]).all()).double()
 
 
-def _distill_args(run: Run) -> tuple[float, float]:
-    return run.cfg.distill.temperature, run.cfg.distill.weight
+def _loss_sum(run: Run, batch: Batch, by_source: torch.Tensor | None) -> torch.Tensor:
+    """The micro-batch's summed loss: the task's (`bigft.losses.loss_sum`), or for task
+    contrastive the InfoNCE of its image-text pairs against the whole global batch."""
+    if run.cfg.task == "contrastive":
+        from bigft.contrastive import contrastive_loss_sum
+
+        return contrastive_loss_sum(run.model, batch, run.cfg.contrastive)[0]
+    cfg = run.cfg.distill
+    return loss_sum(run.model, batch, run.teacher, cfg.temperature, cfg.weight, by_source)[0]
 
 
 def _real_tokens(batch: Batch) -> int:
-    """Input tokens that are not padding (packed rows: positions inside a sequence)."""
+    """Input tokens that are not padding (packed rows: positions inside a sequence); for
+    image tasks, the images."""
+    if "pixel_values" in batch:
+        return int(batch["pixel_values"].shape[0])
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     if "position_ids" not in batch:

@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bigft.config import IMAGE_TASKS
 from bigft.errors import BigftError
 from bigft.loop.run import Run
 from bigft.model.attention import attention_summary
@@ -35,9 +36,12 @@ def startup_summary(run: Run) -> Table:
     if run.teacher is not None:
         method += f" + distillation from {cfg.distill.teacher}"
     stats = run.data.stats
+    images = cfg.task in IMAGE_TASKS
     data_lines = [
         f"{name} {s.source}"
         if name == "train" and cfg.data.streaming
+        else f"{name} {s.rows_kept:,} images ({s.source})"
+        if images
         else f"{name} {s.rows_kept:,} rows, {s.tokens:,} tokens (p50 {s.length_p50}, "
         f"max {s.length_max})"
         for name, s in stats.splits.items()
@@ -70,8 +74,8 @@ def startup_summary(run: Run) -> Table:
         (
             "batch",
             f"micro-batch {layout.micro_batch_size} x accum {layout.grad_accum} x "
-            f"{acc.num_processes} = global {layout.global_batch_size} rows of seq_len "
-            f"{cfg.train.seq_len}",
+            f"{acc.num_processes} = global {layout.global_batch_size} "
+            + ("images" if images else f"rows of seq_len {cfg.train.seq_len}"),
         ),
         ("steps", f"{run.total_steps:,}" + (f" (resuming at {step})" if step else "")),
         ("output", str(run.output_dir)),
@@ -83,6 +87,8 @@ def startup_summary(run: Run) -> Table:
 
 def _memory_plan_text(run: Run) -> str:
     """The planner's predicted peak per GPU for this run, or why there is none."""
+    if run.cfg.task in IMAGE_TASKS:
+        return "not planned: the planner models transformer language models"
     if run.cfg.task != "causal_lm":
         return "not planned for sequence-classification models"
     try:
@@ -119,6 +125,7 @@ class StepLog:
         self.plain = main and not terminal
         self.first_step, self.started = run.state.step, time.perf_counter()
         self.task: TaskID | None = None
+        self.unit = "img" if run.cfg.task in IMAGE_TASKS else "tok"  # tokens_per_s counts
 
     def __enter__(self) -> StepLog:
         if self.bar is not None:
@@ -137,9 +144,9 @@ class StepLog:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=step)
             if record is not None:
-                self.bar.update(self.task, stats=_bar_stats(record))
+                self.bar.update(self.task, stats=_bar_stats(record, self.unit))
         elif self.plain and record is not None:
-            line = step_line(record, self.total, self._eta(step))
+            line = step_line(record, self.total, self._eta(step), self.unit)
             self.console.print(line, soft_wrap=True, highlight=False, markup=False)
 
     def _eta(self, step: int) -> float | None:
@@ -151,17 +158,18 @@ class StepLog:
         return (time.perf_counter() - self.started) / done * (self.total - step)
 
 
-def step_line(record: dict[str, Any], total: int, eta_s: float | None) -> str:
-    """One logged step as a plain line: step/total, loss, lr, tokens/s, peak memory, ETA."""
+def step_line(record: dict[str, Any], total: int, eta_s: float | None, unit: str = "tok") -> str:
+    """One logged step as a plain line: step/total, loss, lr, tokens/s (images/s: `unit`
+    img), peak memory, ETA."""
     eta = "?" if eta_s is None else str(timedelta(seconds=round(eta_s)))
     return (
         f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
-        f"{record['tokens_per_s']:,.0f} tok/s  mem {record['mem_mib']:,.0f} MiB  eta {eta}"
+        f"{record['tokens_per_s']:,.0f} {unit}/s  mem {record['mem_mib']:,.0f} MiB  eta {eta}"
     )
 
 
-def _bar_stats(record: dict[str, Any]) -> str:
-    return f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+def _bar_stats(record: dict[str, Any], unit: str = "tok") -> str:
+    return f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} {unit}/s"
 
 
 def _progress_bar(console: Console) -> Progress:

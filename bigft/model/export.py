@@ -21,6 +21,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ def merged_model(cfg: Config, adapter_dir: Path) -> Any:
     from bigft.model.load import load_model
 
     quant = cfg.method.quant if cfg.method.name == "qlora" else None
-    base = load_model(cfg.model, quant=quant)
+    base = load_model(cfg.model, quant=quant, **_base_for_task(cfg))
     if quant is not None:
         # Exact: these are the very weights the 4-bit layers computed with in training.
         base = base.dequantize()
@@ -71,6 +73,23 @@ def merged_model(cfg: Config, adapter_dir: Path) -> Any:
     merged = model.merge_and_unload()
     merged.config.use_cache = True
     return merged
+
+
+def _base_for_task(cfg: Config) -> dict[str, Any]:
+    """load_model arguments that build the base the run's adapter was trained on: the
+    task's model class and, for a classification head, its classes (in the run's order)
+    and the pad id a decoder pools by. The adapter holds the trained head itself."""
+    if cfg.task in ("causal_lm", "contrastive"):
+        return {"task": cfg.task}
+    from bigft.data.labeled import label_names_from
+    from bigft.model.load import load_preprocessor, pad_token_id
+
+    labels = None if cfg.task == "regression" else label_names_from(cfg.data)
+    return {
+        "task": cfg.task,
+        "label_names": labels,
+        "pad_token_id": pad_token_id(load_preprocessor(cfg)),
+    }
 
 
 def check_destination(run_dir: Path, out: Path, overwrite: bool) -> bool:
@@ -110,16 +129,9 @@ def export_run(
     run_dir, out = Path(run_dir), Path(out).expanduser()
     final = find_final(run_dir)
     is_adapter = (final / ADAPTER_CONFIG).is_file()
-    if resolved(out, "--out") == final.resolve():
-        raise BigftError(f"--out {out} is the run's own final model; choose another directory")
-    replace = check_destination(run_dir, out, overwrite)
-    cfg = load_run_config(run_dir) if is_adapter and merge else None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise BigftError(f"--out {out}: cannot write there ({exc.strerror})") from None
-    try:
+    marker: dict[str, Any] = {"merged": False}
+    with staged_export(run_dir, final, out, overwrite, marker) as tmp:
+        cfg = load_run_config(run_dir) if is_adapter and merge else None
         if cfg is not None:
             model = merged_model(cfg, final)
             model.save_pretrained(tmp, safe_serialization=True)
@@ -127,12 +139,34 @@ def export_run(
             if (final / "tokenizer_config.json").is_file():
                 cfg.model.tokenizer = str(final)
             load_tokenizer(cfg.model).save_pretrained(tmp)
+            marker["merged"] = True
         else:
             if merge:
                 log.warning("%s is a full model already; copying it", final)
             shutil.copytree(final, tmp, dirs_exist_ok=True)
-        marker = {"run_dir": str(run_dir.resolve()), "merged": bool(cfg is not None)}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return out
+
+
+@contextmanager
+def staged_export(
+    run_dir: Path, final: Path, out: Path, overwrite: bool, marker: dict[str, Any]
+) -> Iterator[Path]:
+    """A fresh hidden directory beside `out` to write an export into. When the block
+    succeeds, `marker` (which the block may still change) is written into it as
+    bigft_export.json and it is renamed to `out`, replacing a previous export as
+    `check_destination` allows; when the block fails it is removed and `out` is untouched."""
+    if resolved(out, "--out") == final.resolve():
+        raise BigftError(f"--out {out} is the run's own final model; choose another directory")
+    replace = check_destination(run_dir, out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise BigftError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    try:
+        yield tmp
+        info = {"run_dir": str(run_dir.resolve()), **marker}
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; share it
         share_like_other_files(tmp)
         if replace:
@@ -142,7 +176,6 @@ def export_run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _replace(out: Path, tmp: Path) -> None:

@@ -6,11 +6,12 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bigft.config import Config, ModelConfig, QuantConfig
+from bigft.config import IMAGE_TASKS, Config, ModelConfig, QuantConfig
 from bigft.engine.settings import global_rank, resolve_precision
 from bigft.errors import ModelError
 from bigft.model.attention import choose_attn_implementation, note_attention, resolve_model_class
@@ -48,6 +49,47 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             raise ModelError(f"tokenizer '{name}' has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_preprocessor(cfg: Config) -> Any:
+    """What turns rows into model inputs: the tokenizer (`load_tokenizer`); for task
+    image_classification the model's image processor, for task contrastive its processor
+    (image processor and tokenizer), from model.tokenizer or the model's directory."""
+    if cfg.task not in IMAGE_TASKS:
+        return load_tokenizer(cfg.model)
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    what = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    if cfg.model.tokenizer is None:
+        check_model_dir(name, what, cfg.model.allow_pickle)
+    local = Path(name).expanduser()
+    saved = ("preprocessor_config.json", "processor_config.json")
+    if local.is_dir() and not any((local / f).is_file() for f in saved):
+        raise ModelError(
+            f"{what} '{name}' holds no image processor (preprocessor_config.json): save the "
+            "base model's with AutoImageProcessor.from_pretrained(base).save_pretrained(dir), "
+            "or set model.tokenizer to a directory that holds one"
+        )
+    auto: Any = AutoImageProcessor if cfg.task == "image_classification" else AutoProcessor
+    try:
+        processor = auto.from_pretrained(
+            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load the processor of '{name}': {first_line(exc)}") from None
+    if cfg.task == "contrastive" and not hasattr(processor, "tokenizer"):
+        raise ModelError(
+            f"{what} '{name}': task contrastive needs a processor with a tokenizer and an "
+            "image processor (e.g. CLIPProcessor); this directory has only an image processor"
+        )
+    return processor
+
+
+def pad_token_id(preprocessor: Any) -> int | None:
+    """The pad id of a tokenizer or of a processor's tokenizer; None for images alone."""
+    tokenizer = getattr(preprocessor, "tokenizer", preprocessor)
+    return getattr(tokenizer, "pad_token_id", None)
 
 
 def quantization_kwargs(quant: QuantConfig) -> dict[str, Any]:
@@ -139,17 +181,17 @@ def load_model(
     errors; the directory is checked first (`check_model_dir`).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from bigft._compat import disable_bnb_cpu_repack
 
     check_model_dir(cfg.name_or_path, what, cfg.allow_pickle)
     dtype = load_dtype(cfg.dtype, precision, method, quant)
     extra = quantization_kwargs(quant) if quant is not None else {}
-    auto_class: Any = AutoModelForCausalLM
-    if task != "causal_lm":
-        auto_class = AutoModelForSequenceClassification
+    auto_class = auto_class_for(task)
+    if task in ("classification", "regression", "image_classification"):
         extra.update(_head_kwargs(label_names, pad_token_id))
+    if task == "image_classification":
+        extra["ignore_mismatched_sizes"] = True  # a base trained for other classes
     model_class = resolve_model_class(auto_class, cfg)
     attn = choose_attn_implementation(cfg.attn_implementation, model_class)
     try:
@@ -178,12 +220,33 @@ def load_model(
             f"{what}: the weights of '{cfg.name_or_path}' do not have the shapes its "
             "config.json declares (e.g. vocab_size); restore the config.json saved with them"
         ) from None
-    if quant is not None:
+    # Also a model saved in 4 bits (a quantized export) reloaded without method qlora.
+    if quant is not None or getattr(model, "is_loaded_in_4bit", False):
         disable_bnb_cpu_repack(model)
+    if task == "image_classification":
+        from bigft.model.heads import replace_head_if_relabelled
+
+        replace_head_if_relabelled(model, cfg.name_or_path, label_names or [])
     model.config.use_cache = False  # training; generation turns it back on explicitly
     note_attention(model, cfg.attn_implementation, model_class)
     log.info("loaded %s (%s)", cfg.name_or_path, dtype)
     return model
+
+
+def auto_class_for(task: str) -> Any:
+    """The transformers Auto class of a task's model."""
+    import transformers
+
+    return getattr(
+        transformers,
+        {
+            "causal_lm": "AutoModelForCausalLM",
+            "classification": "AutoModelForSequenceClassification",
+            "regression": "AutoModelForSequenceClassification",
+            "image_classification": "AutoModelForImageClassification",
+            "contrastive": "AutoModel",
+        }[task],
+    )
 
 
 def load_configured_model(

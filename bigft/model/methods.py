@@ -17,6 +17,7 @@ from torch import nn
 
 from bigft.config import Config, LoraConfig, MethodConfig
 from bigft.errors import BigftError, require
+from bigft.model.heads import input_embedding_modules, param_ids
 from bigft.model.load import compute_dtype, count_parameters, load_dtype
 from bigft.model.offload import ActivationOffload, offload_checkpointed_inputs
 
@@ -63,40 +64,47 @@ def apply_freezing(model: Any, cfg: MethodConfig) -> None:
         raise BigftError(
             f"method.freeze_first_layers {freeze_below} > the model's {n_layers} layers"
         )
-    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
     # Encoders keep position / token-type embeddings and their norm in one `embeddings`
-    # module: freezing the embeddings freezes all of it.
-    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-    if isinstance(embeddings, nn.Module):
-        embedding_ids |= {id(p) for p in embeddings.parameters()}
+    # module, vision models a stem: freezing the embeddings freezes all of it.
+    embedding_ids = param_ids(input_embedding_modules(model))
     for name, param in model.named_parameters():
         index = layer_index(name, layers_attr)
         frozen = (freeze_embeddings and id(param) in embedding_ids) or (
             index is not None and index < freeze_below
         )
         param.requires_grad_(not frozen)
-    head = model.get_output_embeddings()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     if freeze_embeddings and head is not None and head.weight.requires_grad is False:
         log.warning("the head is tied to the input embeddings, so it is frozen too")
 
 
-def lora_config(cfg: LoraConfig, use_dora: bool, task_type: str = "CAUSAL_LM") -> Any:
+# peft's task type per task: SEQ_CLS trains and saves the new classification head; an
+# image classifier's head (`classifier`) is trained and saved through modules_to_save.
+PEFT_TASK_TYPES = {
+    "causal_lm": "CAUSAL_LM",
+    "classification": "SEQ_CLS",
+    "regression": "SEQ_CLS",
+}
+
+
+def lora_config(cfg: LoraConfig, use_dora: bool, task_type: str | None = "CAUSAL_LM") -> Any:
     """The peft LoraConfig; task_type SEQ_CLS also trains the new classification head."""
     import peft
 
+    to_save = list(cfg.modules_to_save)
     return peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        modules_to_save=list(cfg.modules_to_save) or None,
+        modules_to_save=to_save or None,
         use_rslora=cfg.use_rslora,
         use_dora=use_dora,
         task_type=task_type,
     )
 
 
-def apply_adapters(model: Any, cfg: MethodConfig, task_type: str = "CAUSAL_LM") -> Any:
+def apply_adapters(model: Any, cfg: MethodConfig, task_type: str | None = "CAUSAL_LM") -> Any:
     """Wrap the (frozen) base in peft LoRA/DoRA adapters; QLoRA bases are prepared first."""
     require("peft", "lora", f"method {cfg.name}")
     import peft
@@ -184,8 +192,14 @@ def apply_method(model: Any, cfg: Config) -> Any:
     if method.name == "freeze":
         apply_freezing(model, method)
     elif method.name in ADAPTER_METHODS:
-        task_type = "CAUSAL_LM" if cfg.task == "causal_lm" else "SEQ_CLS"
-        model = apply_adapters(model, method, task_type)
+        if cfg.task == "image_classification" and not method.lora.modules_to_save:
+            lora = method.lora.model_copy(update={"modules_to_save": ["classifier"]})
+            method = method.model_copy(update={"lora": lora})
+        model = apply_adapters(model, method, PEFT_TASK_TYPES.get(cfg.task))
+    if cfg.task == "contrastive" and not cfg.contrastive.learn_temperature:
+        for name, param in model.named_parameters():
+            if name.endswith("logit_scale"):
+                param.requires_grad_(False)
     apply_precision_layout(model, cfg)
     if method.tiled_mlp:
         from bigft.model.tiled_mlp import apply_tiled_mlp

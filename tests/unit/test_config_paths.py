@@ -183,6 +183,7 @@ def test_the_demo_paths_land_where_the_demo_says(
 ) -> None:
     """`bigft demo -o demo`: model and output under the working directory, data from the
     package (the demo config's own folder)."""
+    import bigft.loop.train  # noqa: F401  (imported first: it binds the real setup)
     from bigft import demo
 
     _, cwd = layout

@@ -146,10 +146,20 @@ LAYERS = (
         "bigft.config_io",
         "bigft.tracking",
         "bigft.losses",
+        "bigft.contrastive",
         "bigft.chunked_loss",
     ),
     ("bigft.engine", "bigft.model", "bigft.data", "bigft.optim", "bigft.rundir", "bigft.faults"),
-    ("bigft.plan", "bigft.tiny", "bigft.loop", "bigft.eval", "bigft.slurm", "bigft.report"),
+    (
+        "bigft.plan",
+        "bigft.tiny",
+        "bigft.tiny_clip",
+        "bigft.digits",
+        "bigft.loop",
+        "bigft.eval",
+        "bigft.slurm",
+        "bigft.report",
+    ),
     ("bigft.commands", "bigft.demo", "bigft.__main__"),
 )
 
