@@ -1388,6 +1388,11 @@ class Config(Section):
             if d.label_names is not None or d.text_pair_field is not None:
                 raise ValueError("data.label_names / text_pair_field need task classification")
             return self
+        if self.task in IMAGE_TASKS and self.train.micro_batch_size == "auto":
+            raise ValueError(
+                f"train.micro_batch_size auto: the memory planner models language models, "
+                f"not task {self.task}; give a number"
+            )
         if self.task in IMAGE_TASKS and d.text_pair_field is not None:
             raise ValueError(f"data.text_pair_field: task {self.task} reads one text per image")
         if self.task == "contrastive" and self.parallel.strategy in ("zero3", "fsdp2"):

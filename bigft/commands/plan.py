@@ -105,6 +105,11 @@ def plan(
         from bigft.config_io import load_config
 
         cfg = load_config(config, extra)
+        if cfg.task in ("image_classification", "contrastive"):
+            raise BigftError(
+                f"task {cfg.task}: bigft plan models transformer language models; measure an "
+                "image model's memory with a short run (summary.json records its peak)"
+            )
     elif extra:
         raise BigftError("key=value overrides need a CONFIG; use the flags with --model")
     if gpu is not None and gpu_mem is not None:

@@ -152,6 +152,10 @@ def data_preview(
 
     cfg = load_config(config, checked_overrides(overrides))
     quiet_libraries()
+    if cfg.task in ("image_classification", "contrastive"):
+        from bigft.data.images import prepare_images, preview_images
+
+        return preview_images(*prepare_images(cfg), cfg, out, num)
     from bigft.data import prepare_data
     from bigft.data.preview import preview
     from bigft.demo import demo_base_for_preview
@@ -177,9 +181,9 @@ def data_prepare(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRI
     quiet_libraries()
     from bigft.data.prepared import preparation_text, prepared_for_task
     from bigft.data.preview import removal_report, stats_table
-    from bigft.model.load import load_tokenizer
+    from bigft.model.load import load_preprocessor
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_preprocessor(cfg)
     prepared, _, preparation = prepared_for_task(cfg, tokenizer)
     out.print(stats_table(prepared))
     for name, stats in prepared.stats.splits.items():

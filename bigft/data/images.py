@@ -93,6 +93,7 @@ class _Check:
             data, path = None, value
         else:
             raise ValueError(f"'{field}' is missing or not an image path")
+        shown = path or field
         if data is None:
             file = Path(path or "").expanduser()
             file = file if file.is_absolute() else self.base / file
@@ -102,8 +103,10 @@ class _Check:
         try:
             with Image.open(io.BytesIO(data) if data is not None else str(path)) as img:
                 img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"image '{path or field}' cannot be read ({exc})") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"image '{shown}' is not an image file PIL can read") from None
+        except (OSError, SyntaxError) as exc:
+            raise ValueError(f"image '{shown}' cannot be read ({exc})") from None
         return {"bytes": data, "path": path}
 
     def label(self, row: Mapping[str, Any]) -> int:
@@ -297,3 +300,47 @@ class ImageCollator:
             "labels": labels,
             "caption_ids": torch.from_numpy(keys),
         }
+
+
+def preview_images(
+    data: PreparedData, names: list[str] | None, cfg: Config, out: Any, n: int = 3
+) -> None:
+    """`bigft data preview` of an image task: rows per split and class, the first training
+    rows (image, class, caption), and the augmentation training applies."""
+    from rich.table import Table
+
+    counts = Table("split", "images", "per class", title="image data")
+    for split in ("train", "validation", "test"):
+        rows = getattr(data, split)
+        if rows is None:
+            continue
+        ids = np.asarray(rows["label"])
+        per_class = ", ".join(
+            f"{name} {int((ids == i).sum())}" for i, name in enumerate(names or [])
+        )
+        counts.add_row(split, f"{len(rows):,}", per_class or "no classes")
+    out.print(counts)
+    for i in range(min(n, len(data.train))):
+        row = data.train[i]
+        image = open_image(row["image"])
+        label = int(row["label"])
+        name = names[label] if names and label >= 0 else "no class"
+        where = row["image"].get("path") or "(image bytes)"
+        caption = f"  caption: {row['text']}" if cfg.task == "contrastive" else ""
+        out.print(
+            f"train row {i}: {where} ({image.width}x{image.height}) class {name}{caption}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    augment = cfg.data.augment.image
+    if augment is None:
+        out.print("augmentation: none", highlight=False)
+        return
+    parts = augment.model_dump(exclude_defaults=True)
+    settings = ", ".join(f"{k} {v}" for k, v in parts.items())
+    out.print(
+        f"augmentation (training images only, drawn anew each epoch from train.seed): "
+        f"{settings}; validation and test images are used as they are",
+        highlight=False,
+        soft_wrap=True,
+    )
