@@ -1195,6 +1195,15 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 IMAGE_TASKS = ("image_classification", "contrastive")
+TASK_METRICS["preference"] = (
+    "eval_loss",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_rewards/margin",
+    "eval_rewards/accuracy",
+    "eval_logps/chosen",
+    "eval_logps/rejected",
+)
 # Tasks whose rows hold a text and a label, read by bigft.data.labeled.
 TEXT_LABEL_TASKS = ("classification", "regression")
 
@@ -1262,6 +1271,57 @@ class ContrastiveConfig(Section):
         return value
 
 
+class PreferenceConfig(Section):
+    """task preference: align a model with preference data. Losses:
+    dpo (Rafailov et al. 2023, "Direct Preference Optimization"; label_smoothing > 0 is
+    the conservative cDPO of Mitchell 2023), ipo (Azar et al. 2023, "A General Theoretical
+    Paradigm to Understand Learning from Human Preferences"), simpo (Meng et al. 2024,
+    "SimPO: Simple Preference Optimization with a Reference-Free Reward"), orpo (Hong et
+    al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"), kto
+    (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization")."""
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = Field(
+        "dpo", description="The preference loss (see the section's papers)."
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo / kto: scale of the log-ratio to the reference (the KL strength); "
+        "ipo: the regularisation tau (target margin 1 / (2 beta)); simpo: the reward scale "
+        "(the paper uses 2.0-2.5); orpo: unused.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo: the assumed share of flipped preference labels."
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="simpo: the target reward margin gamma (the paper's 0.5-1.6)."
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0, description="orpo: weight of the odds-ratio term added to the SFT loss."
+    )
+    kto_desirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of desirable (label true) completions."
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of undesirable (label false) completions."
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="Full fine-tuning with dpo / ipo / kto: compute the reference model's "
+        "log-probabilities once, before training, and store them with the prepared data, so "
+        "training holds one model. With lora / qlora the reference is the base with the "
+        "adapters disabled; simpo and orpo need no reference.",
+    )
+    prompt_field: str = Field("prompt", description="Column of the prompt (text or messages).")
+    chosen_field: str = Field("chosen", description="Column of the preferred completion.")
+    rejected_field: str = Field("rejected", description="Column of the other completion.")
+    completion_field: str = Field(
+        "completion",
+        description="kto: column of the completion; data.label_field says "
+        "whether it is desirable (true) or not (false).",
+    )
+
+
 class DistillConfig(Section):
     """Knowledge distillation from a teacher that shares the student's tokenizer / labels."""
 
@@ -1282,14 +1342,21 @@ class Config(Section):
     train, eval, checkpoint, logging."""
 
     task: Literal[
-        "causal_lm", "classification", "regression", "image_classification", "contrastive"
+        "causal_lm",
+        "classification",
+        "regression",
+        "image_classification",
+        "contrastive",
+        "preference",
     ] = Field(
         "causal_lm",
         description="causal_lm: next-token loss on text/instructions/chats; classification: "
         "a sequence-classification head over data.label_field (cross-entropy); regression: "
         "one output trained with MSE; image_classification: an image model "
         "(AutoModelForImageClassification) with a head for data.label_names; contrastive: "
-        "an image-text dual encoder (CLIP) trained to match each image with its text.",
+        "an image-text dual encoder (CLIP) trained to match each image with its text; "
+        "preference: a causal LM aligned with chosen / rejected completions (section "
+        "preference).",
     )
     model: ModelConfig = Field(description="The model to fine-tune.")
     data: DataConfig = Field(description="Training and evaluation data.")
@@ -1309,6 +1376,9 @@ class Config(Section):
     )
     contrastive: ContrastiveConfig = Field(
         default_factory=ContrastiveConfig, description="task contrastive: the loss."
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="task preference: the loss and data."
     )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     slurm: SlurmConfig = Field(
@@ -1384,6 +1454,17 @@ class Config(Section):
                 f"data.augment.text applies to text tasks, not task {self.task}; use "
                 "data.augment.image"
             )
+        if self.task == "preference":
+            if d.label_names is not None or d.text_pair_field is not None:
+                raise ValueError(
+                    "data.label_names / text_pair_field: task preference reads "
+                    "prompt / chosen / rejected (section preference)"
+                )
+            if self.distill.teacher is not None:
+                raise ValueError("distill.teacher: not with task preference")
+            if self.eval.generate.enabled:
+                raise ValueError("eval.generate: generation applies to task causal_lm only")
+            return self
         if self.task == "causal_lm":
             if d.label_names is not None or d.text_pair_field is not None:
                 raise ValueError("data.label_names / text_pair_field need task classification")
