@@ -134,3 +134,27 @@ def save_vit_base(
     model.save_pretrained(out)
     ViTImageProcessorPil(size={"height": size, "width": size}).save_pretrained(out)
     return out
+
+
+def write_examples(out_dir: str | Path, size: int = 16) -> Path:
+    """Everything configs/examples/digits-*.yaml read, under `out_dir`: digits 0-4 and 5-9
+    as image folders, all digits with captions (jsonl), and randomly initialized bases: a
+    ViT and a ResNet for 0-4, a tiny CLIP with its processor."""
+    from bigft.tiny_clip import save_tiny_clip
+
+    out = Path(out_dir)
+    write_digits(out / "digits-0-4", range(5), size=size)
+    write_digits(out / "digits-5-9", range(5, 10), size=size)
+    write_digits(out / "captions", layout="jsonl", size=size)
+    first = [NAMES[d] for d in range(5)]
+    save_vit_base(out / "vit-random", first, size=size)
+    save_resnet_base(out / "resnet-random", first, size=size)
+    save_tiny_clip(out / "clip-random", [caption(d) for d in range(10)], image_size=size)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = write_examples(sys.argv[1] if len(sys.argv) > 1 else "digits")
+    print(f"wrote the digit images and the base models under {target}")

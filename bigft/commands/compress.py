@@ -76,12 +76,14 @@ def run_scorer(run_dir: Path) -> Any:
     """score(None): the run's final model (an adapter on its base, as `bigft eval RUN`);
     score(DIR): the model in DIR with the run's config (task, data, seq_len, eval)."""
     from bigft.config_io import load_config
-    from bigft.eval.standalone import EvalJob, evaluation_job, run_evaluation
+    from bigft.eval.standalone import EvalJob, NothingToScore, evaluation_job, run_evaluation
 
-    def score(model_dir: Path | None) -> dict[str, Any]:
+    def score(model_dir: Path | None) -> dict[str, Any] | None:
         with evaluation_job(run_dir, None, None, []) as job:
             data = job.cfg.data
             split = "test" if data.test is not None or data.split.test > 0 else "validation"
+            if split == "validation" and data.validation is None and not data.split.validation:
+                return None  # nothing held out: the report says so
             if model_dir is None:
                 job = replace(job, splits=(split,))
             else:
@@ -97,6 +99,8 @@ def run_scorer(run_dir: Path) -> Any:
             noisy.setLevel(logging.ERROR)
             try:
                 results = run_evaluation(job, console)[split]
+            except NothingToScore:
+                return None  # every held-out row was dropped (duplicates): the report says so
             finally:
                 noisy.setLevel(level)
         metric = job.cfg.eval.metric
@@ -106,7 +110,11 @@ def run_scorer(run_dir: Path) -> Any:
     return score
 
 
-_PREPROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json")
+_PREPROCESSOR_FILES = (
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def report_lines(report: dict[str, Any]) -> None:

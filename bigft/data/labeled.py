@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from bigft.config import IMAGE_TASKS, Config, DataConfig
+from bigft.config import IMAGE_TASKS, Config, DataConfig, PreferenceConfig
 from bigft.data.augment_rows import RowTexts, augment_split
 from bigft.data.augment_text import TextAugmenter
 from bigft.data.labels import label_names_from
@@ -29,6 +29,7 @@ from bigft.data.pipeline import (
     assemble_splits,
     prepare_data,
 )
+from bigft.data.preference import PreferenceCollator, prepare_preference_data
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
 
@@ -94,10 +95,19 @@ class _Encode:
 
 
 def prepare_for_task(
-    cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: str
+    cfg: DataConfig,
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+    task: str,
+    preference: PreferenceConfig | None = None,
 ) -> tuple[PreparedData, list[str] | None]:
-    """The rows of any task: token rows for causal_lm, labelled rows (and the class names,
-    None for regression) otherwise."""
+    """The rows of any task: token rows for causal_lm, preference rows (read as section
+    `preference` says) for preference, labelled rows (and the class names, None for
+    regression) otherwise."""
+    if task == "preference":
+        pref = preference or PreferenceConfig()
+        return prepare_preference_data(cfg, pref, tokenizer, seq_len, seed), None
     if task == "causal_lm":
         return prepare_data(cfg, tokenizer, seq_len, seed), None
     return prepare_labeled(cfg, tokenizer, seq_len, seed, task)
@@ -221,6 +231,8 @@ def make_collator(
     is the task's preprocessor (an image processor, a processor). Contrastive batches
     carry the class prompts of `label_names` for evaluation (zero-shot accuracy), and in
     training (`train`) when contrastive.classification_weight asks for them."""
+    if cfg.task == "preference":
+        return PreferenceCollator(tokenizer.pad_token_id)
     if cfg.task in IMAGE_TASKS:
         from bigft.data.images import ImageCollator
 

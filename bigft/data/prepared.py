@@ -6,7 +6,8 @@ A preparation is a folder `<store>/<fingerprint>/` holding each split as an Arro
 The fingerprint covers everything the rows depend on: the data settings, the files (path,
 size, modification time), what text augmentation reads (the synonyms file's contents, the
 back-translation model directories' files), the tokenizer (its vocabulary, merges, special
-tokens and chat template), train.seq_len, train.seed (the split) and the task, and bigft's version.
+tokens and chat template), train.seq_len, train.seed (the split) and the task (task
+preference: with section preference), and bigft's version.
 
 One process prepares; the others wait on a file, not in a collective with a timeout. The
 first to create `<fingerprint>.lock` (O_EXCL) writes into a temporary folder of its own
@@ -43,7 +44,7 @@ import numpy as np
 from datasets import Dataset
 
 from bigft import __version__
-from bigft.config import IMAGE_TASKS, Config, DataConfig, TextAugmentConfig
+from bigft.config import IMAGE_TASKS, Config, DataConfig, PreferenceConfig, TextAugmentConfig
 from bigft.data.packing import PackingPlan
 from bigft.data.pipeline import SPLITS, DataStats, PreparedData, SplitStats
 from bigft.errors import DataError
@@ -80,8 +81,17 @@ def store_dir(cfg: DataConfig) -> Path:
     return Path(cache).expanduser() / "bigft-prepared"
 
 
-def fingerprint(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: str) -> str:
-    """A digest of everything the prepared rows depend on (see the module docstring)."""
+def fingerprint(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seq_len: int,
+    seed: int,
+    task: str,
+    preference: PreferenceConfig | None = None,
+) -> str:
+    """A digest of everything the prepared rows depend on (see the module docstring);
+    task preference adds section `preference` (its fields name the columns and its loss
+    picks paired or kto rows)."""
     settings = cfg.model_dump(
         mode="json",
         exclude={
@@ -113,6 +123,8 @@ def fingerprint(cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, task: 
         "files": {str(p): _file_state(str(p)) for p in sources},
         "tokenizer": _tokenizer_digest(tokenizer),
     }
+    if task == "preference":
+        inputs["preference"] = (preference or PreferenceConfig()).model_dump(mode="json")
     if cfg.augment.text is not None:  # its settings are in "data"; these are its inputs
         inputs["augment_text"] = _augment_inputs(cfg.augment.text)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
@@ -162,12 +174,13 @@ def load_or_prepare(
     seed: int,
     task: str,
     prepare: Callable[[], Prepared],
+    preference: PreferenceConfig | None = None,
 ) -> tuple[PreparedData, list[str] | None, Preparation]:
     """The prepared data of this config: loaded from the store when a whole preparation
     with the same fingerprint is there, else prepared (by `prepare`) by the first process
     to take the lock and waited for by the others."""
     start = time.perf_counter()
-    digest = fingerprint(cfg, tokenizer, seq_len, seed, task)
+    digest = fingerprint(cfg, tokenizer, seq_len, seed, task, preference)
     if not cfg.cache:
         data, labels = prepare()
         return data, labels, Preparation(None, digest, "in memory", time.perf_counter() - start)
@@ -323,9 +336,9 @@ def prepared_for_task(
     def prepare() -> Prepared:
         if cfg.data.streaming:
             return prepare_heldout(cfg.data, tokenizer, seq_len, seed), None
-        return prepare_for_task(cfg.data, tokenizer, seq_len, seed, cfg.task)
+        return prepare_for_task(cfg.data, tokenizer, seq_len, seed, cfg.task, cfg.preference)
 
-    return load_or_prepare(cfg.data, tokenizer, seq_len, seed, cfg.task, prepare)
+    return load_or_prepare(cfg.data, tokenizer, seq_len, seed, cfg.task, prepare, cfg.preference)
 
 
 def preparation_text(p: Preparation) -> str:

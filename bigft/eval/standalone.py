@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes
 
 
+class NothingToScore(BigftError):
+    """The job's splits hold no rows."""
+
+
 @dataclass(frozen=True)
 class EvalJob:
     """What `bigft eval` scores.
@@ -206,7 +210,7 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
         data, label_names = prepare_images(cfg)
     else:
         data, label_names = prepare_for_task(
-            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task
+            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed, cfg.task, cfg.preference
         )
     method = cfg.method.name if job.adapter is not None else "full"
     model = load_configured_model(cfg, label_names, pad_token_id(tokenizer), method)
@@ -235,7 +239,7 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
         split: evaluate_split(ctx, split, step=0) for split in job.splits if getattr(data, split)
     }
     if not results:
-        raise BigftError(f"no {' or '.join(job.splits)} rows to evaluate: pass --data FILE")
+        raise NothingToScore(f"no {' or '.join(job.splits)} rows to evaluate: pass --data FILE")
     return results
 
 

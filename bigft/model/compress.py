@@ -54,7 +54,7 @@ _MODEL_FILES = {"config.json", "generation_config.json", ADAPTER_CONFIG, "README
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
 # score(None) measures the run's own final model; score(DIR) the model saved in DIR.
-Scorer = Callable[[Path | None], dict[str, Any]]
+Scorer = Callable[[Path | None], dict[str, Any] | None]
 
 
 def check_format(fmt: str) -> str:
@@ -172,6 +172,12 @@ def _compressed(
 def _scores(score: Scorer, model_dir: Path | None) -> dict[str, Any]:
     """The task metric of the original and of the export (None: bigft cannot run it)."""
     before = score(None)
+    if before is None:
+        why = (
+            "the run holds no validation or test rows to score on; score the export with "
+            "bigft eval DIR --data FILE"
+        )
+        return {"before": None, "after": None, "after_not_measured": why}
     if model_dir is not None:
         return {"before": before, "after": score(model_dir)}
     why = (

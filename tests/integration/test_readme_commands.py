@@ -75,6 +75,28 @@ COVERED: dict[str, tuple[str, Any]] = {
         "needs a Slurm cluster; tests/slurm/test_cluster.py runs a sweep",
     ),
     "bigft slurm sweep-status runs/my-run": (SKIP, "needs a submitted sweep; tests/slurm"),
+    "python -m bigft.digits digits": (RUN, []),
+    "bigft train configs/examples/digits-vit-pretrain.yaml": (
+        RUN,
+        [("pretrain.yaml", "pretrain.yaml train.steps=20 eval.every_steps=20")],
+    ),
+    "bigft train configs/examples/digits-vit-transfer.yaml": (
+        RUN,
+        [("transfer.yaml", "transfer.yaml train.steps=5")],
+    ),
+    "bigft train configs/examples/digits-clip.yaml": (
+        RUN,
+        [("clip.yaml", "clip.yaml train.steps=10 eval.every_steps=10")],
+    ),
+    "bigft export runs/llama3-chat --quantize nf4 --out exports/llama3-chat-nf4": (RUN, []),
+    "bigft export runs/llama3-chat --quantize gguf:q8_0 --out exports/llama3-chat-gguf": (
+        RUN,
+        [],
+    ),
+    "bigft prune runs/llama3-chat --sparsity 0.5 --pattern 2:4 --out exports/llama3-chat-2of4": (
+        RUN,
+        [],
+    ),
 }
 
 
@@ -152,6 +174,7 @@ def _scratch(tmp_path: Path, tiny_base: Path) -> Path:
     config["output_dir"] = str(work / "runs" / "llama3-chat")
     (work / "configs").mkdir(parents=True)
     (work / "configs" / "my-run.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(REPO / "configs" / "examples", work / "configs" / "examples")
     return work
 
 
@@ -159,6 +182,8 @@ def _run(command: str, cwd: Path, threads: str | None = "1") -> subprocess.Compl
     argv = shlex.split(command)
     if argv[0] == "bigft":
         argv = [sys.executable, "-m", "bigft", *argv[1:]]
+    elif argv[0] == "python":
+        argv[0] = sys.executable
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(HF_HUB_OFFLINE="1", COLUMNS="200")
     if threads is not None:
@@ -190,6 +215,12 @@ def test_readme_commands_run_as_written(tmp_path: Path, tiny_base: Path) -> None
     assert (final / "config.json").is_file()  # `bigft train` exported
     assert (work / "runs" / "llama3-chat" / "report" / "report.md").is_file()
     assert (work / "cmp").is_dir() and any((work / "cmp").iterdir())
+    for run in ("digits-pretrain", "digits-transfer", "digits-clip"):
+        assert (work / "runs" / run / "final" / "config.json").is_file(), run
+    for export in ("llama3-chat-nf4", "llama3-chat-gguf", "llama3-chat-2of4"):
+        assert (work / "exports" / export / "compression_report.json").is_file() or any(
+            (work / "exports" / export).glob("*.gguf")
+        ), export
 
 
 def _two_runs_for_compare(work: Path) -> None:

@@ -147,6 +147,7 @@ LAYERS = (
         "bigft.tracking",
         "bigft.losses",
         "bigft.contrastive",
+        "bigft.preference_losses",
         "bigft.chunked_loss",
     ),
     ("bigft.engine", "bigft.model", "bigft.data", "bigft.optim", "bigft.rundir", "bigft.faults"),
