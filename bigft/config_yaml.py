@@ -8,7 +8,8 @@ from __future__ import annotations
 import codecs
 import stat
 from pathlib import Path
-from typing import Any, get_origin
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -213,11 +214,18 @@ def _check_override_keys(item: str, keys: list[str], value: Any) -> None:
             return
         annotation = field.annotation
         path = ".".join(keys[: depth + 1])
-        section = annotation if isinstance(annotation, type) else None
-        if section is not None and not issubclass(section, BaseModel):
-            section = None
+        members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+        optional = type(None) in members
+        section = next(
+            (m for m in (annotation, *members) if isinstance(m, type) and issubclass(m, BaseModel)),
+            None,
+        )
         if depth == len(keys) - 1:
-            if section is not None and not isinstance(value, dict):
+            if (
+                section is not None
+                and not isinstance(value, dict)
+                and not (optional and value is None)
+            ):
                 raise ConfigError(
                     f"command-line override {path}: a section, not a value (got "
                     f"{short_repr(value)}); set its keys ({path}.KEY=VALUE) or merge a mapping "
