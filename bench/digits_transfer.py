@@ -48,8 +48,10 @@ def main() -> None:
             pretrained = work / f"pretrained-{arch}"
             shutil.rmtree(pretrained, ignore_errors=True)
             shutil.copytree(work / "runs" / "bench" / "final", pretrained)
-            rows.append(f"{arch} pretraining, seed {seed}: validation accuracy "
-                        f"{summary['validation']['eval_accuracy']:.3f}")
+            rows.append(
+                f"{arch} pretraining, seed {seed}: validation accuracy "
+                f"{summary['validation']['eval_accuracy']:.3f}"
+            )
             for method, extra in (
                 ("head", []),
                 ("full", ["method.name=full", "method.train_top_layers=null", "optim.lr=1e-3"]),

@@ -1305,13 +1305,6 @@ class PreferenceConfig(Section):
     kto_undesirable_weight: float = Field(
         1.0, gt=0, description="kto: weight of undesirable (label false) completions."
     )
-    precompute_reference: bool = Field(
-        False,
-        description="Full fine-tuning with dpo / ipo / kto: compute the reference model's "
-        "log-probabilities once, before training, and store them with the prepared data, so "
-        "training holds one model. With lora / qlora the reference is the base with the "
-        "adapters disabled; simpo and orpo need no reference.",
-    )
     prompt_field: str = Field("prompt", description="Column of the prompt (text or messages).")
     chosen_field: str = Field("chosen", description="Column of the preferred completion.")
     rejected_field: str = Field("rejected", description="Column of the other completion.")

@@ -176,6 +176,16 @@ def plan(
             f"task {cfg.task}: a sequence head of {labels} output(s){listed} in place of "
             "the LM head; its logits are micro-batch x seq x outputs"
         )
+    if cfg is not None and cfg.task == "preference":
+        reference = (
+            "a frozen reference copy in the compute dtype is counted in parameters"
+            if work.reference_copy
+            else "no reference copy (adapters disabled, or a reference-free loss)"
+        )
+        report.notes.append(
+            "task preference: micro-batch counts sequences, chosen and rejected of each "
+            f"pair (pairs = half); the loss reads full logits; {reference}"
+        )
     if longest is not None:
         report.simulated = longest.sim_result
     elif simulate:

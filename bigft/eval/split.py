@@ -40,7 +40,15 @@ def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
     generates the same examples, so sharded engines stay in step), logged at `step`."""
     cfg = ctx.cfg
     result: dict[str, Any] = {}
-    if getattr(ctx.data, split) is not None and cfg.task == "contrastive":
+    if getattr(ctx.data, split) is not None and cfg.task == "preference":
+        from bigft.loop.preference import evaluate_preference
+
+        batches = eval_batches(ctx, split)
+        reference = getattr(ctx, "teacher", None)  # a Run's frozen reference, if any
+        result.update(
+            evaluate_preference(ctx.model, reference, batches, ctx.accelerator, cfg.preference)
+        )
+    elif getattr(ctx.data, split) is not None and cfg.task == "contrastive":
         batches = eval_batches(ctx, split)
         result.update(evaluate_contrastive(ctx.model, batches, ctx.accelerator))
     elif getattr(ctx.data, split) is not None and cfg.task != "causal_lm":

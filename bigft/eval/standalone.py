@@ -195,6 +195,15 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     from bigft.tracking import MetricsLog
 
     cfg = job.cfg
+    if cfg.task == "preference" and job.adapter is None:
+        from bigft.preference_losses import needs_reference
+
+        if needs_reference(cfg.preference):
+            raise BigftError(
+                f"task preference, loss {cfg.preference.loss}: its rewards compare the model "
+                "with the reference it was trained against, which bigft eval has only for an "
+                "adapter run (the base); the run's metrics.jsonl holds its evaluations"
+            )
     if not launched():
         # The exported model is a plain directory: one process scores it without the
         # DeepSpeed / FSDP2 engine the run trained with (which needs a launcher).

@@ -44,7 +44,7 @@ from bigft.model.attention import attention_implementation
 from bigft.model.checks import check_model_config, check_model_dir
 from bigft.model.compiled import compile_layers
 from bigft.model.load import load_configured_model, load_model, load_preprocessor, pad_token_id
-from bigft.model.methods import apply_method
+from bigft.model.methods import ADAPTER_METHODS, apply_method
 from bigft.optim import build_optimizer, build_scheduler
 from bigft.tracking import (
     resolve_trackers,
@@ -210,7 +210,8 @@ def _check_model_sources(cfg: Config) -> None:
 def _load_teacher(
     cfg: Config, label_names: list[str] | None, pad_token_id: int | None, accelerator: Accelerator
 ) -> Any:
-    """distill.teacher: frozen, in eval mode, laid out like the student.
+    """distill.teacher, or task preference's reference model (full fine-tuning with a
+    loss that has one): frozen, in eval mode, laid out like the student.
 
     ZeRO-3 loads it partitioned (the engine's zero.Init is live) and wraps it in a
     DeepSpeed inference engine, so each process holds 1/N of it and gathers layer by
@@ -218,9 +219,16 @@ def _load_teacher(
     every process holds a full copy. Called after the student is prepared, so the
     engine's configuration is final.
     """
-    if cfg.distill.teacher is None:
+    name, what = cfg.distill.teacher, "distill.teacher"
+    if cfg.task == "preference":
+        from bigft.preference_losses import needs_reference
+
+        if not needs_reference(cfg.preference) or cfg.method.name in ADAPTER_METHODS:
+            return None  # reference-free, or the policy with its adapters disabled
+        name, what = cfg.model.name_or_path, "model.name_or_path (the reference)"
+    if name is None:
         return None
-    teacher_cfg = cfg.model.model_copy(update={"name_or_path": cfg.distill.teacher})
+    teacher_cfg = cfg.model.model_copy(update={"name_or_path": name})
     teacher = load_model(
         teacher_cfg,
         cfg.train.precision,
@@ -228,7 +236,9 @@ def _load_teacher(
         cfg.task,
         label_names,
         pad_token_id,
-        what="distill.teacher",
+        # frozen: in the compute dtype under mixed precision, like a frozen base
+        method="freeze" if cfg.task == "preference" else "full",
+        what=what,
     )
     teacher.requires_grad_(False)
     teacher.eval()

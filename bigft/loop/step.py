@@ -11,6 +11,8 @@ from accelerate.utils import DistributedType
 
 from bigft.engine import preemption
 from bigft.engine.settings import resolve_precision
+from bigft.loop.preference import METRICS as PREFERENCE_METRICS
+from bigft.loop.preference import count_pairs, means, preference_loss_sum
 from bigft.loop.run import Run
 from bigft.losses import Batch, count_targets, loss_sum, target_mask
 
@@ -32,9 +34,10 @@ def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[s
     acc, model = run.accelerator, run.model
     lr = step_lr(run.optimizer, run.cfg.optim.lr)  # what this step's update uses
     # One collective per step carries the token counts and any process's stop request.
+    count = count_pairs if run.cfg.task == "preference" else count_targets
     local = torch.tensor(
         [
-            sum(count_targets(b) for b in micro_batches),
+            sum(count(b) for b in micro_batches),
             sum(_real_tokens(b) for b in micro_batches),
             preemption.requested() is not None,
         ],
@@ -50,11 +53,17 @@ def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[s
         if log and len(run.mixture) > 1
         else None
     )
+    # task preference: rewards and log-probabilities, summed with their counts.
+    pref_sums = (
+        torch.zeros((2, len(PREFERENCE_METRICS)), dtype=torch.float64, device=acc.device)
+        if log and run.cfg.task == "preference"
+        else None
+    )
     update: dict[str, Any] = {}
     for host_batch in micro_batches:
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in host_batch.items()}
         with acc.accumulate(model):
-            summed = _loss_sum(run, batch, by_source)
+            summed = _loss_sum(run, batch, by_source, pref_sums)
             if run.state.step + 1 in run.nonfinite_steps:  # a test's fault (bigft.faults)
                 summed = summed * float("nan")
             acc.backward(summed * scale)
@@ -71,6 +80,8 @@ def train_step(run: Run, micro_batches: list[Batch], log: bool = True) -> dict[s
             for share, total, count in zip(run.mixture, sums, targets, strict=True)
             if count > 0
         }
+    if pref_sums is not None:
+        update["preference"] = means(acc.reduce(pref_sums, reduction="sum"))
     return {**update, "lr": lr}
 
 
@@ -187,9 +198,16 @@ def _grads_nonfinite(model: Any) -> torch.Tensor:
     return (~torch.stack([g.isfinite().all() for g in local]).all()).double()
 
 
-def _loss_sum(run: Run, batch: Batch, by_source: torch.Tensor | None) -> torch.Tensor:
-    """The micro-batch's summed loss: the task's (`bigft.losses.loss_sum`), or for task
-    contrastive the InfoNCE of its image-text pairs against the whole global batch."""
+def _loss_sum(
+    run: Run, batch: Batch, by_source: torch.Tensor | None, pref_sums: torch.Tensor | None
+) -> torch.Tensor:
+    """The micro-batch's summed loss: the task's (`bigft.losses.loss_sum`); for task
+    contrastive the InfoNCE of its image-text pairs against the whole global batch; for
+    task preference the loss of its pairs (`bigft.loop.preference`)."""
+    if run.cfg.task == "preference":
+        unwrap = run.accelerator.unwrap_model
+        prefs = run.cfg.preference
+        return preference_loss_sum(run.model, run.teacher, batch, prefs, unwrap, pref_sums)
     if run.cfg.task == "contrastive":
         from bigft.contrastive import contrastive_loss_sum
 

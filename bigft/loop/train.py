@@ -93,6 +93,8 @@ def _train(run: Run, stop_after: int | None) -> dict[str, Any]:
                 }
                 for name, loss in stats.get("source_losses", {}).items():
                     record[f"loss/{name}"] = round(loss, 6)
+                for name, value in stats.get("preference", {}).items():
+                    record[name] = round(value, 6)
                 run.metrics.write(record)
                 window_start, window_tokens = time.perf_counter(), 0.0
             steps.step(state.step, record)

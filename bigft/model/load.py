@@ -245,6 +245,7 @@ def auto_class_for(task: str) -> Any:
             "regression": "AutoModelForSequenceClassification",
             "image_classification": "AutoModelForImageClassification",
             "contrastive": "AutoModel",
+            "preference": "AutoModelForCausalLM",
         }[task],
     )
 

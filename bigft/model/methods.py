@@ -84,6 +84,7 @@ PEFT_TASK_TYPES = {
     "causal_lm": "CAUSAL_LM",
     "classification": "SEQ_CLS",
     "regression": "SEQ_CLS",
+    "preference": "CAUSAL_LM",
 }
 
 

@@ -67,7 +67,7 @@ def sequence_labels(cfg: Any) -> int | None:
     """Outputs of the sequence head a classification / regression config trains (None for
     a causal LM): len(data.label_names), UNLISTED_CLASSES when unlisted, 1 for regression."""
     task = str(getattr(cfg, "task", "causal_lm"))
-    if task == "causal_lm":
+    if task in ("causal_lm", "preference"):
         return None
     if task == "regression":
         return 1
@@ -137,6 +137,17 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     adapted = (*targets, *(_get(lora, ("modules_to_save",), None) or ()))
     if values["loss_impl"] == "auto" and values["method"] not in ("full", "freeze"):
         values["loss_impl"] = "full" if "lm_head" in adapted else "auto"  # not a plain Linear
+    if str(getattr(cfg, "task", "")) == "preference":
+        # Chosen and rejected run in one forward: twice the sequences, and the loss reads
+        # each sequence's log-probabilities from the full logits.
+        values["micro_batch"] *= 2
+        values["loss_impl"] = "full"
+        loss = str(getattr(getattr(cfg, "preference", None), "loss", "dpo"))
+        values["reference_copy"] = values["method"] in ("full", "freeze") and loss in (
+            "dpo",
+            "ipo",
+            "kto",
+        )
     values.update({k: v for k, v in flags.items() if v is not None})
     name = flags.get("model") or getattr(model, "name_or_path", None)
     values.pop("model", None)

@@ -21,7 +21,7 @@ nothing: no measurement says otherwise yet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bigft.plan import layers
 from bigft.plan.workload import Workload
@@ -69,6 +69,19 @@ def _optimizer_bytes(work: Workload, n: float, param_bytes: float) -> float:
 
 
 def model_states(work: Workload) -> ModelStates:
+    """Weights, gradients and optimizer states on one GPU for the workload's layout; with
+    `reference_copy` (task preference, full fine-tuning) the weights include a frozen copy
+    of the model in the compute dtype, partitioned like the policy under ZeRO-3 / FSDP2."""
+    states = _policy_states(work)
+    if work.reference_copy:
+        sharded = work.strategy in ("zero3", "zero3-offload", "fsdp2")
+        per_param = 4.0 if work.precision == "fp32" else 2.0
+        copy = work.arch.n_params * per_param / (work.world_size if sharded else 1)
+        states = replace(states, params=states.params + copy)
+    return states
+
+
+def _policy_states(work: Workload) -> ModelStates:
     """Weights, gradients and optimizer states on one GPU for the workload's layout."""
     a, world, stage = work.arch, work.world_size, work.zero_stage
     n_t = float(work.trainable_params)

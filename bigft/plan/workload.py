@@ -70,6 +70,7 @@ class Workload:
     tiled_mlp: bool = False  # method.tiled_mlp: each MLP runs over the sequence in tiles
     tiled_mlp_shards: int | None = None  # method.tiled_mlp_shards; None: ceil(tokens / hidden)
     compile: bool = False  # train.compile: no memory change assumed (none measured)
+    reference_copy: bool = False  # task preference, full FT: a frozen reference model
 
     def __post_init__(self) -> None:
         if self.optimizer in OPTIMIZER_ALIASES:

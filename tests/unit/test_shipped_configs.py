@@ -95,3 +95,19 @@ def test_the_8b_4090_recipe_plans_the_chunked_loss() -> None:
 
     assert term(work) < 0.6e9
     assert term(work.with_(loss_impl="full")) > 6e9
+
+
+EXAMPLES = sorted(ROOT.glob("configs/examples/*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_are_valid(path: Path) -> None:
+    """configs/examples: one per task beyond causal LM (image classification, CLIP,
+    preference); the digits ones run in tests/integration/test_readme_commands.py."""
+    cfg = load_config(path)
+    assert cfg.task in ("image_classification", "contrastive", "preference"), path
+
+
+def test_every_task_has_an_example() -> None:
+    tasks = {load_config(p).task for p in EXAMPLES}
+    assert tasks >= {"image_classification", "contrastive", "preference"}

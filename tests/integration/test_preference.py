@@ -1,0 +1,132 @@
+"""task preference end to end on a synthetic task: the correct transformation of a word
+(upper case) is preferred to a corrupted one (one letter left in lower case). Held-out
+reward accuracy, margins and what the reference model is, for each loss."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bigft.config_io import load_config
+from bigft.loop.setup import setup
+from bigft.loop.train import train
+from bigft.tracking import read_metrics
+
+
+def pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(4, 6)))
+        good = word.upper()
+        j = rng.randrange(len(word))
+        rows.append(
+            {
+                "prompt": f"upper {word} =",
+                "chosen": f" {good}",
+                "rejected": f" {good[:j]}{word[j]}{good[j + 1 :]}",
+            }
+        )
+    return rows
+
+
+def unpaired(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """KTO's rows: each pair as a desirable and an undesirable completion."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return out
+
+
+def run_preference(
+    tmp_path: Path, base: Path, loss: str, method: dict[str, Any], lr: float, steps: int = 60
+) -> tuple[Any, list[dict[str, Any]]]:
+    rows = pairs(400)
+    data = tmp_path / f"{loss}.jsonl"
+    lines = unpaired(rows) if loss == "kto" else rows
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = {
+        "task": "preference",
+        "model": {"name_or_path": str(base)},
+        "data": {
+            "format": "text",
+            "train": str(data),
+            "split": {"train": 0.8, "validation": 0.2, "test": 0.0},
+        },
+        "preference": {"loss": loss, "beta": 0.1},
+        "method": method,
+        "optim": {"lr": lr, "weight_decay": 0.0},
+        "train": {"micro_batch_size": 8, "steps": steps, "log_every": 10, "seq_len": 32},
+        "eval": {"every_steps": steps, "at_start": True, "metric": "eval_rewards/margin"},
+        "logging": {"progress_bar": False},
+        "output_dir": str(tmp_path / loss),
+    }
+    path = tmp_path / f"{loss}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = setup(load_config(path))
+    train(run)
+    evals = [r for r in read_metrics(tmp_path / loss) if r.get("split") == "validation"]
+    return run, evals
+
+
+LORA = {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+
+
+def test_dpo_with_lora_uses_the_base_as_reference(tiny_base: Path, tmp_path: Path) -> None:
+    """The reference is the policy with its adapters disabled: no second model. At step 0
+    policy and reference agree, so every reward is 0 (a tie, counted as wrong); after 60
+    steps at least 90 % of held-out pairs rank the correct completion higher."""
+    run, evals = run_preference(tmp_path, tiny_base, "dpo", LORA, 2e-3)
+    assert run.teacher is None
+    first, last = evals[0], evals[-1]
+    assert first["eval_rewards/margin"] == 0.0 and first["eval_loss"] == pytest.approx(0.6931, 1e-3)
+    assert last["eval_rewards/accuracy"] >= 0.9, last
+    assert last["eval_rewards/margin"] > 0.05 and last["eval_loss"] < 0.68
+    logged = [r for r in read_metrics(tmp_path / "dpo") if "rewards/accuracy" in r]
+    assert logged and all("rewards/margin" in r and "logps/chosen" in r for r in logged)
+
+
+def test_dpo_full_fine_tuning_keeps_a_frozen_reference(tiny_base: Path, tmp_path: Path) -> None:
+    run, evals = run_preference(tmp_path, tiny_base, "dpo", {"name": "full"}, 5e-4)
+    reference = run.teacher
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+    base = load_file(tiny_base / "model.safetensors")
+    for name, param in reference.state_dict().items():  # the reference did not move
+        assert torch.equal(param.float(), base[name].float()), name
+    assert evals[-1]["eval_rewards/accuracy"] >= 0.9, evals[-1]
+    assert evals[-1]["eval_rewards/margin"] > 0.2
+
+
+def test_simpo_loads_no_reference_and_ranks_from_a_coin_flip(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """SimPO's rewards are the policy's own average log-probabilities: about half the pairs
+    rank right before training, at least 90 % after."""
+    run, evals = run_preference(tmp_path, tiny_base, "simpo", LORA, 2e-3)
+    assert run.teacher is None
+    assert 0.3 <= evals[0]["eval_rewards/accuracy"] <= 0.7, evals[0]
+    assert evals[-1]["eval_rewards/accuracy"] >= 0.9, evals[-1]
+
+
+@pytest.mark.parametrize("loss", ["ipo", "orpo"])
+def test_ipo_and_orpo_learn_the_preference(loss: str, tiny_base: Path, tmp_path: Path) -> None:
+    _, evals = run_preference(tmp_path, tiny_base, loss, LORA, 2e-3)
+    assert evals[-1]["eval_rewards/accuracy"] >= 0.9, evals[-1]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_kto_separates_desirable_from_undesirable(tiny_base: Path, tmp_path: Path) -> None:
+    """KTO's rows are unpaired: the margin is the mean reward of desirable completions
+    minus that of undesirable ones; 0 before training, 0.05 or more after."""
+    _, evals = run_preference(tmp_path, tiny_base, "kto", LORA, 2e-3)
+    assert evals[0]["eval_rewards/margin"] == pytest.approx(0.0, abs=1e-9)
+    assert evals[-1]["eval_rewards/margin"] >= 0.05, evals[-1]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
