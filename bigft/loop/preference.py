@@ -152,6 +152,10 @@ def evaluate_preference(
             ]
         )
     model.train(was_training)
+    if hasattr(model, "empty_partition_cache"):
+        # ZeRO-3: the policy's forwards, interleaved with the reference engine's, leave
+        # prefetched parameters in flight; release them, as a training step's backward does.
+        model.empty_partition_cache()
     sums = accelerator.reduce(sums, reduction="sum")
     loss_sum, pairs = accelerator.reduce(total, reduction="sum").tolist()
     return {
