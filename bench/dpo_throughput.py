@@ -173,12 +173,11 @@ def bigft_config(root: Path, s: Setting, setting: str, name: str) -> Path:
 def run_bigft(root: Path, s: Setting, setting: str, name: str, env: dict[str, str]) -> dict:
     """`python -m bigft train CONFIG`; step times and losses from its metrics.jsonl.
 
-    The process's CPU time (all its threads, /proc/PID/stat) is read when the records of
-    the first and last timed step appear in metrics.jsonl (polled every 20 ms, so each
-    reading is up to 20 ms late, on both ends alike)."""
+    The process's CPU time (all its threads, /proc/PID/stat) is read as each step's record
+    appears in metrics.jsonl, polled every 20 ms: a reading is up to 20 ms late, at the
+    start of a window as at its end."""
     path = bigft_config(root, s, setting, name)
     log, metrics = root / f"{name}.log", root / name / "metrics.jsonl"
-    wanted = {s.warmup: "", s.warmup + s.steps: ""}
     cpu: dict[int, float] = {}
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -188,14 +187,17 @@ def run_bigft(root: Path, s: Setting, setting: str, name: str, env: dict[str, st
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+        done = 0  # characters of metrics.jsonl read, up to the last complete line
         while proc.poll() is None:
             time.sleep(0.02)
-            if len(cpu) < len(wanted) and metrics.exists():
-                seconds = _cpu_seconds(proc.pid)
-                for line in metrics.read_text().splitlines():
-                    step = json.loads(line).get("step") if line.endswith("}") else None
-                    if step in wanted and step not in cpu and seconds is not None:
-                        cpu[step] = seconds
+            seconds = _cpu_seconds(proc.pid)
+            text = metrics.read_text()[done:] if metrics.exists() else ""
+            complete = text[: text.rfind("\n") + 1]
+            done += len(complete)
+            for line in complete.splitlines():
+                step = json.loads(line).get("step")
+                if step is not None and step not in cpu and seconds is not None:
+                    cpu[step] = seconds
     if proc.returncode:
         raise RuntimeError(f"{name} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
     records = [json.loads(line) for line in metrics.open()]
@@ -323,25 +325,35 @@ def run_trl(
 # -- driver -------------------------------------------------------------------------------------
 
 
-def window(result: dict, s: Setting) -> dict[str, float]:
-    """Pairs/s over the timed steps, and the losses of the first and last step."""
-    clock, loss = result["clock"], result["loss"]
+def window(result: dict, s: Setting) -> dict[str, Any]:
+    """Pairs/s over the timed steps (wall and CPU time), pairs/s of the median timed step
+    (wall: robust to another process taking the core now and then), and the losses."""
+    clock, cpu, loss = result["clock"], result["cpu"], result["loss"]
     first, last = s.warmup, s.warmup + s.steps
-    missing = [step for step in (first, last) if step not in clock]
+    timed = range(first, last + 1)
+    missing = [step for step in timed if step not in clock or step not in cpu]
     if missing:
-        raise RuntimeError(f"no clock for steps {missing} (have {sorted(clock)[:5]}...)")
-    seconds = clock[last] - clock[first]
-    cpu = result["cpu"][last] - result["cpu"][first]
+        raise RuntimeError(f"no clock for steps {missing}")
+    seconds, cpu_seconds = clock[last] - clock[first], cpu[last] - cpu[first]
+    step_s = statistics.median(clock[i] - clock[i - 1] for i in timed[1:])
     return {
         "seconds": seconds,
-        "cpu_seconds": cpu,
-        "step_s": seconds / s.steps,
-        "pairs_per_s": s.steps * s.batch / seconds,
-        "pairs_per_cpu_s": s.steps * s.batch / cpu,
+        "cpu_seconds": cpu_seconds,
+        "median_step_s": step_s,
+        "wall": s.steps * s.batch / seconds,
+        "cpu": s.steps * s.batch / cpu_seconds,
+        "median step": s.batch / step_s,
         "loss_first": loss.get(1, float("nan")),
         "loss_last": loss.get(last, float("nan")),
         "accuracy_last": result["accuracy"].get(last),
     }
+
+
+MEASURES = {
+    "wall": "wall, {steps} steps",
+    "cpu": "CPU, {steps} steps",
+    "median step": "wall, median step",
+}
 
 
 def print_report(s: Setting, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
@@ -355,31 +367,28 @@ def print_report(s: Setting, info: dict[str, Any], results: list[dict[str, Any]]
     )
     print(
         f"timing: steps {s.warmup} -> {s.warmup + s.steps} ({s.steps} steps) of each run, "
-        f"{s.rounds} rounds of the 4 runs one at a time; median over rounds; 1 thread per "
+        f"{s.rounds} rounds of the 4 runs one at a time; medians over rounds; 1 thread per "
         f"process; load average {info['load_before']} before, {info['load_after']} after\n"
     )
-    print(
-        "| setting | bigft pairs/s (rounds) | TRL pairs/s (rounds) | bigft / TRL "
-        "| bigft pairs / CPU s (rounds) | TRL pairs / CPU s (rounds) | bigft / TRL, CPU |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("| setting | time | bigft pairs/s (rounds) | TRL pairs/s (rounds) | bigft / TRL |")
+    print("|---|---|---|---|---|")
     for setting in SETTINGS:
-        cells = [setting]
-        for key in ("pairs_per_s", "pairs_per_cpu_s"):
+        for key, label in MEASURES.items():
             bigft, trl = (
                 [r[key] for r in results if r["setting"] == setting and r["trainer"] == who]
                 for who in ("bigft", "trl")
             )
             ratios = [b / t for b, t in zip(bigft, trl, strict=True)]  # within each round
+            cells = [setting, label.format(steps=s.steps)]
             for values in (bigft, trl):
                 each = " / ".join(f"{v:.2f}" for v in values)
                 cells.append(f"{statistics.median(values):.2f} ({each})")
             cells.append(f"{statistics.median(ratios):.2f}")
-        print("| " + " | ".join(cells) + " |")
+            print("| " + " | ".join(cells) + " |")
     print(
         "\nratios: median of the per-round ratios. sanity (round 0): loss at step 1 and at "
         f"step {s.warmup + s.steps}, reward accuracy at step {s.warmup + s.steps}, seconds "
-        "per step (wall, CPU)"
+        "per timed step (wall, CPU)"
     )
     for r in results:
         if r["round"] == 0:
@@ -388,7 +397,7 @@ def print_report(s: Setting, info: dict[str, Any], results: list[dict[str, Any]]
             print(
                 f"- {r['trainer']} {r['setting']}: loss {r['loss_first']:.4f} -> "
                 f"{r['loss_last']:.4f}, accuracy {r['accuracy_last']}, "
-                f"{r['step_s']:.3f} / {r['cpu_seconds'] / s.steps:.3f} s{extra}"
+                f"{r['seconds'] / s.steps:.3f} / {r['cpu_seconds'] / s.steps:.3f} s{extra}"
             )
 
 
@@ -456,7 +465,7 @@ def run_all(root: Path, s: Setting, env: dict[str, str], trl_python: str, out: P
                 row.update({k: raw[k] for k in ("reference", "batch") if k in raw})
                 results.append(row)
                 print(
-                    f"{name}: {row['pairs_per_s']:.2f} pairs/s, {row['step_s']:.3f} s/step",
+                    f"{name}: {row['wall']:.2f} pairs/s, {row['cpu']:.2f} pairs / CPU s",
                     file=sys.stderr,
                     flush=True,
                 )

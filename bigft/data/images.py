@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset
 
 from bigft.config import Config, DataConfig, ImageAugmentConfig
-from bigft.data.labels import label_names_from
+from bigft.data.labels import label_names_from, map_checked
 from bigft.data.pipeline import DataStats, PreparedData, SplitStats, assemble_splits
 from bigft.data.sources import load_rows, row_location
 from bigft.errors import DataError
@@ -178,20 +178,12 @@ def prepare_images(cfg: Config) -> tuple[PreparedData, list[str] | None]:
                 raw = raw.cast_column(data_cfg.image_field, Image(decode=False))
             base = Path(path) if Path(path).is_dir() else Path(path).parent
             check = _Check(data_cfg, task, names, base)
-            out = raw.map(
-                check,
-                batched=True,
-                remove_columns=raw.column_names,
-                load_from_cache_file=False,
-                keep_in_memory=True,
-                desc=f"checking images of {path}",
-            )
-            errors = out["error"]
-            bad = next((i for i, e in enumerate(errors) if e), None)
-            if bad is not None:
-                where = row_location(path, bad) if not is_image_folder(path) else path
-                raise DataError(f"{where}: {errors[bad]}")
-            parts.append(out.remove_columns("error"))
+            folder = is_image_folder(path)
+
+            def where(row: int, path: str = path, folder: bool = folder) -> str:
+                return path if folder else row_location(path, row)
+
+            parts.append(map_checked(raw, check, f"checking images of {path}", where))
         if len(parts) == 1:
             return parts[0]
         from datasets import concatenate_datasets

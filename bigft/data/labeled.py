@@ -20,7 +20,7 @@ from datasets import Dataset
 from bigft.config import IMAGE_TASKS, Config, DataConfig, PreferenceConfig
 from bigft.data.augment_rows import RowTexts, augment_split
 from bigft.data.augment_text import TextAugmenter
-from bigft.data.labels import label_names_from
+from bigft.data.labels import label_names_from, map_checked
 from bigft.data.packing import Collator, needs_flat_packing
 from bigft.data.pipeline import (
     DataStats,
@@ -31,7 +31,6 @@ from bigft.data.pipeline import (
 )
 from bigft.data.preference import PreferenceCollator, prepare_preference_data
 from bigft.data.sources import load_rows, row_location
-from bigft.errors import DataError
 
 IGNORE_LABEL = -100
 
@@ -132,19 +131,8 @@ def prepare_labeled(
 
     def encode_rows(raw: Dataset, path: str) -> Dataset:
         """Encoded rows, with their `source` and `row` (what augmentation reads again)."""
-        out = raw.map(
-            encode,
-            batched=True,
-            remove_columns=raw.column_names,
-            load_from_cache_file=False,
-            keep_in_memory=True,
-            desc=f"tokenizing {path}",
-        )
-        errors = out["error"]
-        bad = next((i for i, e in enumerate(errors) if e), None)
-        if bad is not None:
-            raise DataError(f"{row_location(path, bad)}: {errors[bad]}")
-        out = out.remove_columns("error").add_column("source", [path] * len(out))
+        out = map_checked(raw, encode, f"tokenizing {path}", lambda i: row_location(path, i))
+        out = out.add_column("source", [path] * len(out))
         return out.add_column("row", np.arange(len(out), dtype=np.int64))
 
     def load(paths: list[str]) -> Dataset:

@@ -35,3 +35,27 @@ def label_names_from(cfg: DataConfig, read: Callable[[str], Dataset] = load_rows
             f"label(s) in '{cfg.label_field}'; classification needs at least two"
         )
     return names
+
+
+def map_checked(
+    raw: Dataset,
+    fn: Callable[[dict[str, list[Any]]], dict[str, list[Any]]],
+    desc: str,
+    where: Callable[[int], str],
+) -> Dataset:
+    """`raw` mapped by `fn` (batched), whose rows carry an `error` column: the first row
+    with an error is a DataError naming its place (`where(index)`); otherwise the rows
+    without that column."""
+    out = raw.map(
+        fn,
+        batched=True,
+        remove_columns=raw.column_names,
+        load_from_cache_file=False,
+        keep_in_memory=True,
+        desc=desc,
+    )
+    errors = out["error"]
+    bad = next((i for i, e in enumerate(errors) if e), None)
+    if bad is not None:
+        raise DataError(f"{where(bad)}: {errors[bad]}")
+    return out.remove_columns("error")
