@@ -104,7 +104,12 @@ def note_attention(model: Any, requested: str, model_class: type | None) -> None
     runs = attention_implementation(model) or "unknown"
     arch = type(model).__name__
     note = runs if requested != "auto" else f"{runs} (auto)"
-    if requested == "auto" and runs == "eager" and model_class is not None:
+    if not any(
+        "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()
+        for m in model.modules()
+    ):
+        note = "none (no attention layers)"  # a convolutional network: nothing to choose
+    elif requested == "auto" and runs == "eager" and model_class is not None:
         note = f"eager ({arch} does not support sdpa"
         if "flash_attention_2" in supported_attention(model_class):
             note += "; its flash_attention_2 needs flash-attn and a GPU"
