@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # bigft from this checkout, installed or not
 SETTINGS = ("lora", "full")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -425,6 +426,7 @@ def main() -> None:
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed (imported, unused) stays quiet
     if args.worker:
         import torch
 

@@ -89,7 +89,7 @@ def _memory_plan_text(run: Run) -> str:
     """The planner's predicted peak per GPU for this run, or why there is none."""
     if run.cfg.task in IMAGE_TASKS:
         return "not planned: the planner models transformer language models"
-    if run.cfg.task != "causal_lm":
+    if run.cfg.task in ("classification", "regression"):
         return "not planned for sequence-classification models"
     try:
         from bigft.plan import plan_for_run
