@@ -77,6 +77,15 @@ def write_digits(
     return path
 
 
+def _class_names(labels: Sequence[str]) -> dict[str, Any]:
+    """A classifier config's head arguments for `labels`, in id order."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
 def save_resnet_base(
     out_dir: str | Path, labels: Sequence[str], size: int = 32, seed: int = 0
 ) -> Path:
@@ -95,9 +104,7 @@ def save_resnet_base(
         depths=[1, 1, 1],
         layer_type="basic",
         downsample_in_first_stage=False,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
+        **_class_names(labels),
     )
     torch.manual_seed(seed)
     model = ResNetForImageClassification(config)
@@ -124,9 +131,7 @@ def save_vit_base(
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=128,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
+        **_class_names(labels),
     )
     torch.manual_seed(seed)
     model = ViTForImageClassification(config)

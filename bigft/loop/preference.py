@@ -15,7 +15,6 @@ pairs of the whole step on all processes, as causal LM divides by target tokens.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -55,10 +54,9 @@ def reference_logps(
     if reference is not None:
         return _logps(reference, batch)
     inner = unwrap(model)
-    disabled = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
     if not hasattr(inner, "disable_adapter"):
         raise ValueError("no reference model: full fine-tuning needs the frozen copy")
-    with disabled:
+    with inner.disable_adapter():
         return _logps(inner, batch)
 
 

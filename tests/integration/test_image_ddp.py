@@ -4,6 +4,7 @@ same weights, and the engine that ran is the one asked for."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -88,6 +89,10 @@ def test_image_classification_two_processes(strategy: str, tmp_path: Path) -> No
     assert [f["world"] for f in facts] == [2, 2]
     expected = "DeepSpeedEngine" if strategy == "zero2" else "DistributedDataParallel"
     assert all(f["engine"] == expected for f in facts), facts
+    engine = json.loads((tmp_path / "out" / "summary.json").read_text())["engine"]
+    assert engine["world_size"] == 2
+    if strategy == "zero2":  # ZeRO-2 really partitioned the optimizer states
+        assert (engine["distributed_type"], engine["zero_stage"]) == ("DEEPSPEED", 2), engine
     assert_same_weights(ranks)
     # 40 validation images over 5 classes: well above chance (0.2) after 30 steps.
     assert facts[0]["validation"]["eval_accuracy"] >= 0.6
