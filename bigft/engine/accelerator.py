@@ -7,6 +7,7 @@ runs and tests can prove it.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,17 @@ def build_accelerator(
             )
         )
     return accelerator
+
+
+def release(accelerator: Accelerator) -> None:
+    """Free the prepared model, optimizer and loaders, then the process groups, while the
+    interpreter is whole. Left to interpreter exit, a sharded model's tensors and the
+    gloo groups its device mesh holds are torn down by threads that can no longer take
+    the GIL: the worker aborts (SIGABRT) after a finished run. Callers drop their own
+    references to the model first."""
+    accelerator.free_memory()  # destroys a DeepSpeed engine, drops the prepared objects
+    gc.collect()
+    accelerator.end_training()  # trackers, then every process group
 
 
 def _check_engine(accelerator: Accelerator, strategy: str) -> None:

@@ -27,7 +27,10 @@ from bigft.config_io import load_config
 from bigft.errors import BigftError, DataError, require
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from rich.console import Console
+
+    from bigft.engine.settings import BatchLayout
 
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes
 
@@ -185,14 +188,8 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     model's config.id2label, or for an adapter the run's data.label_names or training
     labels; otherwise the labels of the scored rows.
     """
-    from bigft.chunked_loss import prepare_loss
-    from bigft.data.labeled import prepare_for_task
-    from bigft.engine.accelerator import build_accelerator, launched
+    from bigft.engine.accelerator import build_accelerator, launched, release
     from bigft.engine.settings import batch_layout, world_size_from_env
-    from bigft.eval.split import evaluate_split
-    from bigft.loop.run import EvalContext
-    from bigft.model.load import load_configured_model, load_preprocessor, pad_token_id
-    from bigft.tracking import MetricsLog
 
     cfg = job.cfg
     if cfg.task == "preference" and job.adapter is None:
@@ -210,6 +207,24 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
         cfg.parallel.strategy = "ddp"
     layout = batch_layout(cfg.train, world_size_from_env(), None)
     accelerator = build_accelerator(cfg.train, cfg.parallel, layout)
+    try:
+        return _score(job, accelerator, layout, console)
+    finally:
+        release(accelerator)
+
+
+def _score(
+    job: EvalJob, accelerator: Accelerator, layout: BatchLayout, console: Console
+) -> dict[str, Any]:
+    """Load the job's model and data on `accelerator` and evaluate each of its splits."""
+    from bigft.chunked_loss import prepare_loss
+    from bigft.data.labeled import prepare_for_task
+    from bigft.eval.split import evaluate_split
+    from bigft.loop.run import EvalContext
+    from bigft.model.load import load_configured_model, load_preprocessor, pad_token_id
+    from bigft.tracking import MetricsLog
+
+    cfg = job.cfg
     tokenizer = load_preprocessor(cfg)
     if cfg.task in ("classification", "image_classification") and cfg.data.label_names is None:
         cfg.data.label_names = _trained_label_names(job)

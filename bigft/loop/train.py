@@ -15,7 +15,7 @@ from bigft import faults, rundir
 from bigft.config import Config
 from bigft.engine import checkpoint as ckpt
 from bigft.engine import preemption
-from bigft.engine.accelerator import print_on_main
+from bigft.engine.accelerator import print_on_main, release
 from bigft.engine.facts import engine_report, peak_memory_mib
 from bigft.errors import TrainingError
 from bigft.eval.during_training import (
@@ -252,7 +252,9 @@ def run_training(
     preemption.install()
     preemption.die_with_launcher()
     run = setup(cfg, console, overwrite)
+    accelerator = run.accelerator
     try:
         return train(run)
     finally:
-        run.accelerator.end_training()
+        del run
+        release(accelerator)

@@ -323,9 +323,36 @@ def _positions(folder: Path) -> list[int]:
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
 
+# Loaded by every Python process of the launch: at exit, a bigft worker writes how many
+# sharded tensors and parameters it still holds (the launcher has no process group).
+EXIT_PROBE = """
+import atexit, gc, json, os, sys
+from pathlib import Path
 
-def accelerate_launch(file: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
+def _left():
+    if "bigft.loop.train" not in sys.modules or "RANK" not in os.environ:
+        return
+    import torch
+    from torch.distributed.tensor import DTensor
+    objects = gc.get_objects()
+    record = {
+        "dtensors": sum(isinstance(o, DTensor) for o in objects),
+        "parameters": sum(isinstance(o, torch.nn.Parameter) for o in objects),
+        "process_groups": torch.distributed.is_initialized(),
+    }
+    here = Path(__file__).parent / f"left-{os.environ['RANK']}.json"
+    here.write_text(json.dumps(record))
+
+atexit.register(_left)
+"""
+
+
+def accelerate_launch(
+    file: str, nproc: int, *args: str, python_path: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if python_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(python_path), env.get("PYTHONPATH")]))
     cmd = [
         sys.executable,
         "-m",
@@ -348,10 +375,24 @@ def accelerate_launch(file: str, nproc: int, *args: str) -> subprocess.Completed
 def test_accelerate_launch_config_files(
     file: str, strategy: str, run_config: Path, expected_groups: list[dict]
 ) -> None:
-    """The shipped accelerate configs select the engine; bigft's YAML leaves it unset."""
+    """The shipped accelerate configs select the engine; bigft's YAML leaves it unset.
+
+    Each worker ends holding no sharded tensor and no process group: one left for
+    interpreter exit is torn down by gloo threads that cannot take the GIL, and the worker
+    aborts after a finished run."""
     out = run_config.parent / f"accelerate-{file}"
-    proc = accelerate_launch(file, 2, str(run_config), f"output_dir={out}", "train.steps=2")
+    probe = run_config.parent / f"exit-probe-{file}"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(EXIT_PROBE)
+    proc = accelerate_launch(
+        file, 2, str(run_config), f"output_dir={out}", "train.steps=2", python_path=probe
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    left = [json.loads(f.read_text()) for f in sorted(probe.glob("left-*.json"))]
+    assert len(left) == 2, "every worker reports what it holds at exit"
+    assert all(r["dtensors"] == 0 and not r["process_groups"] for r in left), left
+    if strategy != "zero3":  # DeepSpeed's own module-level caches keep its parameters
+        assert all(r["parameters"] == 0 for r in left), left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     for key, value in EXPECTED[strategy].items():
