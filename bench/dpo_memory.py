@@ -6,7 +6,8 @@ copy of the base? (The reference is the base with the adapters disabled.)
 Each case runs in its own process (`bigft.loop.setup` + 6 training steps of 4 rows /
 pairs of 64 tokens, fp32, one thread): the resident memory after setup and its peak
 during the steps (/proc/self/status VmRSS, sampled every 5 ms). Cases: SFT with LoRA, DPO
-with LoRA (no reference copy), SFT full and DPO full (a frozen reference copy).
+with LoRA (no reference copy), SFT full, DPO full (a frozen reference copy) and DPO full
+with preference.precompute_reference (the reference scored in setup, no copy).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-CASES = ("sft-lora", "dpo-lora", "sft-full", "dpo-full")
+CASES = ("sft-lora", "dpo-lora", "sft-full", "dpo-full", "dpo-precomputed")
 
 
 def rss_mib() -> float:
@@ -105,8 +106,8 @@ def main() -> None:
                 "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
                 "packing": False,
             },
-            "method": {"name": method}
-            if method == "full"
+            "method": {"name": "full"}
+            if method in ("full", "precomputed")
             else {"name": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
             # SFT sees 8 sequences a step, like DPO's 4 pairs (chosen + rejected).
             "train": {
@@ -117,6 +118,7 @@ def main() -> None:
                 "log_every": 6,
             },
             "checkpoint": {"export": False},
+            **({"preference": {"precompute_reference": True}} if method == "precomputed" else {}),
             "logging": {"progress_bar": False},
             "output_dir": str(work / "runs" / case),
         }

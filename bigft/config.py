@@ -1305,6 +1305,14 @@ class PreferenceConfig(Section):
     kto_undesirable_weight: float = Field(
         1.0, gt=0, description="kto: weight of undesirable (label false) completions."
     )
+    precompute_reference: bool = Field(
+        False,
+        description="dpo / ipo: score every prepared pair with the reference once, before "
+        "step 1, and keep the log-probabilities with the prepared data (reused by later "
+        "runs of the same data and model); training then holds one model, not a frozen "
+        "copy. With lora / dora / qlora it saves the adapters-disabled forward of each "
+        "step.",
+    )
     prompt_field: str = Field("prompt", description="Column of the prompt (text or messages).")
     chosen_field: str = Field("chosen", description="Column of the preferred completion.")
     rejected_field: str = Field("rejected", description="Column of the other completion.")
@@ -1455,6 +1463,17 @@ class Config(Section):
                 )
             if self.distill.teacher is not None:
                 raise ValueError("distill.teacher: not with task preference")
+            pref = self.preference
+            if pref.precompute_reference and pref.loss not in ("dpo", "ipo"):
+                why = (
+                    "draws its KL rows per batch, so they cannot be scored ahead"
+                    if pref.loss == "kto"
+                    else "has no reference model"
+                )
+                raise ValueError(
+                    f"preference.precompute_reference: loss {pref.loss} {why}; "
+                    "set it false (dpo and ipo can precompute)"
+                )
             if self.eval.generate.enabled:
                 raise ValueError("eval.generate: generation applies to task causal_lm only")
             return self

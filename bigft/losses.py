@@ -45,7 +45,15 @@ def count_targets(batch: Batch) -> int:
 # Batch entries for bigft's loss, never for the model: the labels (bigft computes the
 # loss itself), each token's source in a mixture (the per-source loss), each caption's id
 # (contrastive retrieval metrics) and the layout of a preference batch.
-NOT_MODEL_INPUTS = ("labels", "source_ids", "caption_ids", "pair_rows", "kl_rows", "desirable")
+NOT_MODEL_INPUTS = (
+    "labels",
+    "source_ids",
+    "caption_ids",
+    "pair_rows",
+    "kl_rows",
+    "desirable",
+    "ref_logps",
+)
 
 
 def model_inputs(batch: Batch) -> Batch:

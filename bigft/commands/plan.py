@@ -180,6 +180,8 @@ def plan(
         reference = (
             "a frozen reference copy in the compute dtype is counted in parameters"
             if work.reference_copy
+            else "no reference copy (log-probabilities precomputed before step 1)"
+            if cfg.preference.precompute_reference
             else "no reference copy (adapters disabled, or a reference-free loss)"
         )
         report.notes.append(

@@ -135,7 +135,8 @@ class PreferenceCollator:
 
     Pairs: B rows -> 2B sequences [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]
     and `pair_rows` = B (a 0-dim long tensor), so the loss splits the log-probabilities
-    at B.
+    at B. Rows with precomputed reference log-probabilities (columns `ref_chosen`,
+    `ref_rejected`) add `ref_logps` (2B, in the same order).
 
     kto: B rows -> their B sequences, `desirable` (B bools), then `kl_rows` = K more
     sequences for KTO's reference point z0 (as TRL's KTOTrainer): row i's prompt with the
@@ -159,7 +160,13 @@ class PreferenceCollator:
                 for side in ("chosen", "rejected")
                 for r in rows
             ]
-            return {**self.pad(seqs), "pair_rows": torch.tensor(len(rows), dtype=torch.long)}
+            batch = {**self.pad(seqs), "pair_rows": torch.tensor(len(rows), dtype=torch.long)}
+            if "ref_chosen" in rows[0]:  # preference.precompute_reference
+                batch["ref_logps"] = torch.tensor(
+                    [float(r[f"ref_{side}"]) for side in ("chosen", "rejected") for r in rows],
+                    dtype=torch.float32,
+                )
+            return batch
         seqs = [(list(r["input_ids"]), list(r["labels"])) for r in rows]
         kl = _mismatched(seqs) if len(seqs) > 1 else []
         batch = self.pad(seqs + kl)

@@ -120,7 +120,7 @@ def fingerprint(
         "seq_len": seq_len,
         "seed": seed,
         "data": settings,
-        "files": {str(p): _file_state(str(p)) for p in sources},
+        "files": {str(p): file_state(str(p)) for p in sources},
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     if task == "preference":
@@ -138,11 +138,11 @@ def _augment_inputs(cfg: TextAugmentConfig) -> dict[str, Any]:
         out["synonyms"] = hashlib.sha256(Path(cfg.synonyms).read_bytes()).hexdigest()
     if cfg.back_translation is not None:
         bt = cfg.back_translation
-        out["back_translation"] = [_file_state(bt.forward), _file_state(bt.backward)]
+        out["back_translation"] = [file_state(bt.forward), file_state(bt.backward)]
     return out
 
 
-def _file_state(path: str) -> list[Any]:
+def file_state(path: str) -> list[Any]:
     """(size, modification time) of a file, or of every file under a directory; a hub
     name is taken as it is."""
     p = Path(path)

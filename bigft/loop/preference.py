@@ -7,6 +7,8 @@ The reference costs no second copy where it can be avoided:
   `disable_adapter`), under no_grad;
 - full fine-tuning: a frozen copy loaded and laid out like a distillation teacher (ZeRO-3
   partitions it, FSDP2 shards it), held in `run.teacher`;
+- preference.precompute_reference: log-probabilities scored once before step 1
+  (`bigft.loop.reference`), read from the batch;
 - simpo, orpo: none.
 
 The loss of a micro-batch is the sum over its pairs (KTO: rows); the step divides by the
@@ -53,11 +55,21 @@ def reference_logps(
     when there is one, else the policy with its adapters disabled."""
     if reference is not None:
         return _logps(reference, batch)
-    inner = unwrap(model)
-    if not hasattr(inner, "disable_adapter"):
+    if not hasattr(unwrap(model), "disable_adapter"):
         raise ValueError("no reference model: full fine-tuning needs the frozen copy")
-    with inner.disable_adapter():
-        return _logps(inner, batch)
+    return initial_logps(model, batch, unwrap)
+
+
+@torch.no_grad()
+def initial_logps(model: Any, batch: Batch, unwrap: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed logps, target tokens) of every row under the policy as it was loaded: with
+    its adapters disabled when it has them (the reference of an adapter run, at any step),
+    else the model itself (the reference of full fine-tuning before its first step)."""
+    inner = unwrap(model)
+    if hasattr(inner, "disable_adapter"):
+        with inner.disable_adapter():
+            return _logps(inner, batch)
+    return _logps(model, batch)
 
 
 def preference_loss_sum(
@@ -73,15 +85,19 @@ def preference_loss_sum(
     applies to (row 0) and their count (row 1) are added to it."""
     policy_sum, policy_n = _logps(model, batch)
     ref_sum = None
-    if needs_reference(cfg):
+    if "ref_logps" in batch:  # preference.precompute_reference
+        ref_sum = batch["ref_logps"].to(policy_sum.dtype)
+    elif needs_reference(cfg):
         ref_sum, _ = reference_logps(model, reference, batch, unwrap)
+    kl = None
     if cfg.loss == "kto":
         rows = policy_sum.shape[0] - int(batch["kl_rows"])
         desirable = batch["desirable"].bool()
         assert ref_sum is not None
-        policy: Any = KtoLogps(policy_sum[:rows], desirable, policy_sum[rows:].detach())
-        ref: Any = KtoLogps(ref_sum[:rows], desirable, ref_sum[rows:])
+        policy: Any = KtoLogps(policy_sum[:rows], desirable)
+        ref: Any = KtoLogps(ref_sum[:rows], desirable)
         real = policy_n[:rows] > 0
+        kl = kto_reference_point(policy_sum[rows:], ref_sum[rows:], policy_n[rows:] > 0)
     else:
         pairs = int(batch["pair_rows"])
         policy = PairLogps(
@@ -89,11 +105,7 @@ def preference_loss_sum(
         )
         ref = None if ref_sum is None else PairLogps(ref_sum[:pairs], ref_sum[pairs:])
         real = policy_n[:pairs] > 0
-    if cfg.loss == "kto" and policy.kl is not None and policy.kl.numel() == 0:
-        policy.kl = ref.kl = None  # one row: no mismatched copy, z0 = 0
-        losses, metrics = preference_loss(cfg, policy, ref, torch.zeros((), device=real.device))
-    else:
-        losses, metrics = preference_loss(cfg, policy, ref)
+    losses, metrics = preference_loss(cfg, policy, ref, kl)
     if sums is not None:
         for i, name in enumerate(METRICS):
             values = metrics.get(name)
@@ -103,6 +115,20 @@ def preference_loss_sum(
             sums[0, i] += values[keep].double().sum()
             sums[1, i] += keep.double().sum()
     return (losses * real).sum()
+
+
+def kto_reference_point(
+    policy_kl: torch.Tensor, reference_kl: torch.Tensor, real: torch.Tensor
+) -> torch.Tensor:
+    """KTO's z0 before clamping: the mean policy - reference log-ratio of the mismatched
+    rows (`kto_kl_estimate`), over the real ones of every process (an all_reduce of their
+    sum and count, as TRL gathers it), so all processes share one z0. Every process calls
+    it once per micro-batch; 0 where no process has a mismatched row (micro-batches of one)."""
+    diff = policy_kl.detach().float() - reference_kl.detach().float()
+    stats = torch.stack([diff[real].sum(), real.sum().float()])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats[0] / stats[1].clamp(min=1.0)
 
 
 def count_pairs(batch: Batch) -> int:

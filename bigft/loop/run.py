@@ -99,6 +99,7 @@ class Run(EvalContext):
     teacher: Any = None  # distillation teacher (frozen, eval mode)
     loss_info: dict[str, Any] = field(default_factory=dict)  # train.loss_impl in effect
     data_source: str = ""  # where the prepared data came from (bigft.data.prepared)
+    reference: str = ""  # task preference: what the reference model is, in words
     mixture: list[SourceShare] = field(default_factory=list)  # data.train's sources
     # Test hook (bigft.faults): the steps whose loss this process makes NaN.
     nonfinite_steps: frozenset[int] = frozenset()

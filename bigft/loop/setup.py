@@ -39,6 +39,7 @@ from bigft.eval.during_training import (
     tracks_best,
 )
 from bigft.eval.metrics import load_scorer
+from bigft.loop.reference import preference_reference
 from bigft.loop.run import Run
 from bigft.model.attention import attention_implementation
 from bigft.model.checks import check_model_config, check_model_dir
@@ -126,6 +127,13 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
         teacher = _load_teacher(cfg, label_names, pad_token_id(tokenizer), accelerator)
+        reference = ""
+        if cfg.task == "preference":
+            data, reference = preference_reference(
+                cfg, accelerator, model, data, teacher, tokenizer, layout, preparation.path
+            )
+            assert isinstance(loader, TrainLoader)  # task preference does not stream
+            loader.dataset = data.train
         run = Run(
             cfg=cfg,
             accelerator=accelerator,
@@ -144,6 +152,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             teacher=teacher,
             loss_info=loss_info,
             data_source=preparation_text(preparation),
+            reference=reference,
             mixture=shares,
             nonfinite_steps=faults.nonfinite_steps(accelerator.process_index),
         )
@@ -223,8 +232,12 @@ def _load_teacher(
     if cfg.task == "preference":
         from bigft.preference_losses import needs_reference
 
-        if not needs_reference(cfg.preference) or cfg.method.name in ADAPTER_METHODS:
-            return None  # reference-free, or the policy with its adapters disabled
+        if (
+            not needs_reference(cfg.preference)
+            or cfg.method.name in ADAPTER_METHODS
+            or cfg.preference.precompute_reference
+        ):
+            return None  # reference-free, adapters disabled, or scored before step 1
         name, what = cfg.model.name_or_path, "model.name_or_path (the reference)"
     if name is None:
         return None

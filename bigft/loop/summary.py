@@ -33,7 +33,7 @@ def startup_summary(run: Run) -> Table:
     method = cfg.method.name + (
         f" r={cfg.method.lora.r}" if cfg.method.name in ("lora", "dora", "qlora") else ""
     )
-    if run.teacher is not None:
+    if cfg.distill.teacher is not None:
         method += f" + distillation from {cfg.distill.teacher}"
     stats = run.data.stats
     images = cfg.task in IMAGE_TASKS
@@ -64,6 +64,7 @@ def startup_summary(run: Run) -> Table:
         ("attention", attention_summary(acc.unwrap_model(run.model))),
         ("parameters", f"{trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})"),
         ("method", method),
+        *([("reference", run.reference)] if run.reference else []),
         (
             "layout",
             f"{cfg.parallel.strategy} x {acc.num_processes} process(es), "

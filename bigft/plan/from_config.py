@@ -142,11 +142,13 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
         # each sequence's log-probabilities from the full logits.
         values["micro_batch"] *= 2
         values["loss_impl"] = "full"
-        loss = str(getattr(getattr(cfg, "preference", None), "loss", "dpo"))
-        values["reference_copy"] = values["method"] in ("full", "freeze") and loss in (
-            "dpo",
-            "ipo",
-            "kto",
+        pref = getattr(cfg, "preference", None)
+        loss = str(getattr(pref, "loss", "dpo"))
+        precomputed = bool(getattr(pref, "precompute_reference", False))
+        values["reference_copy"] = (
+            values["method"] in ("full", "freeze")
+            and loss in ("dpo", "ipo", "kto")
+            and not precomputed
         )
     values.update({k: v for k, v in flags.items() if v is not None})
     name = flags.get("model") or getattr(model, "name_or_path", None)

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -47,12 +48,21 @@ def unpaired(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
 
 
 def run_preference(
-    tmp_path: Path, base: Path, loss: str, method: dict[str, Any], lr: float, steps: int = 60
+    tmp_path: Path,
+    base: Path,
+    loss: str,
+    method: dict[str, Any],
+    lr: float,
+    steps: int = 60,
+    name: str | None = None,
+    **preference: Any,
 ) -> tuple[Any, list[dict[str, Any]]]:
     rows = pairs(400)
     data = tmp_path / f"{loss}.jsonl"
+    name = name or loss
     lines = unpaired(rows) if loss == "kto" else rows
-    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if not data.exists():  # a later run of the same data finds its preparation
+        data.write_text("".join(json.dumps(r) + "\n" for r in lines))
     config = {
         "task": "preference",
         "model": {"name_or_path": str(base)},
@@ -61,19 +71,19 @@ def run_preference(
             "train": str(data),
             "split": {"train": 0.8, "validation": 0.2, "test": 0.0},
         },
-        "preference": {"loss": loss, "beta": 0.1},
+        "preference": {"loss": loss, "beta": 0.1, **preference},
         "method": method,
         "optim": {"lr": lr, "weight_decay": 0.0},
         "train": {"micro_batch_size": 8, "steps": steps, "log_every": 10, "seq_len": 32},
         "eval": {"every_steps": steps, "at_start": True, "metric": "eval_rewards/margin"},
         "logging": {"progress_bar": False},
-        "output_dir": str(tmp_path / loss),
+        "output_dir": str(tmp_path / name),
     }
-    path = tmp_path / f"{loss}.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     run = setup(load_config(path))
     train(run)
-    evals = [r for r in read_metrics(tmp_path / loss) if r.get("split") == "validation"]
+    evals = [r for r in read_metrics(tmp_path / name) if r.get("split") == "validation"]
     return run, evals
 
 
@@ -130,3 +140,41 @@ def test_kto_separates_desirable_from_undesirable(tiny_base: Path, tmp_path: Pat
     assert evals[0]["eval_rewards/margin"] == pytest.approx(0.0, abs=1e-9)
     assert evals[-1]["eval_rewards/margin"] >= 0.05, evals[-1]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_precomputed_reference_trains_as_the_frozen_copy_does(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """preference.precompute_reference: one pass before step 1 scores every pair, stored
+    beside the prepared data; the run holds no second model and logs the same losses and
+    rewards as with the frozen copy. A second run of the same data and model reuses the
+    stored values."""
+    full = {"name": "full"}
+    _, frozen = run_preference(tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="frozen")
+    run, ahead = run_preference(
+        tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="ahead", precompute_reference=True
+    )
+    assert run.teacher is None
+    kept = len(run.data.train) + len(run.data.validation)  # 400 less exact duplicates
+    assert run.reference.startswith(f"precomputed for {kept} pairs: computed in")
+    stored = list(Path(run.reference.split("stored in ")[1]).parent.glob("*.npz"))
+    assert len(stored) == 1
+    with np.load(stored[0]) as saved:
+        assert len(saved["train_chosen"]) + len(saved["validation_chosen"]) == kept
+        # a summed log-probability of a completion of a few tokens, not a filler 0
+        assert (saved["train_chosen"] < -1).all() and (saved["validation_rejected"] < -1).all()
+
+    def curve(name: str) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(tmp_path / name) if "loss" in r]
+
+    assert curve("ahead") == pytest.approx(curve("frozen"), rel=1e-5)
+    for a, b in zip(ahead, frozen, strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+        assert a["eval_rewards/margin"] == pytest.approx(b["eval_rewards/margin"], abs=1e-5)
+    assert ahead[-1]["eval_rewards/accuracy"] > ahead[0]["eval_rewards/accuracy"]
+
+    again, _ = run_preference(
+        tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="again", precompute_reference=True
+    )
+    assert again.reference == f"precomputed for {kept} pairs: reused from {stored[0]}"
+    assert curve("again") == pytest.approx(curve("ahead"), rel=1e-6)

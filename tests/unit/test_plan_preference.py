@@ -39,3 +39,14 @@ def test_full_dpo_adds_a_reference_copy_sharded_like_the_policy(strategy: str) -
 def test_lora_dpo_loads_no_reference() -> None:
     work = workload_from_config(config("dpo", "lora", "ddp"))
     assert not work.reference_copy and work.arch.num_labels is None
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_precomputed_reference_plans_one_model(strategy: str) -> None:
+    """preference.precompute_reference: full DPO holds the policy only, as SimPO does."""
+    precomputed = config("dpo", "full", strategy)
+    precomputed.preference.precompute_reference = True
+    work = workload_from_config(precomputed)
+    reference_free = workload_from_config(config("simpo", "full", strategy))
+    assert not work.reference_copy
+    assert model_states(work) == model_states(reference_free)

@@ -43,6 +43,14 @@ CASES = {
         {"task": "preference", "data": {"label_names": ["a", "b"]}},
         "task preference reads prompt / chosen / rejected",
     ),
+    "kto precomputed": (
+        {"task": "preference", "preference": {"loss": "kto", "precompute_reference": True}},
+        "loss kto draws its KL rows per batch",
+    ),
+    "simpo precomputed": (
+        {"task": "preference", "preference": {"loss": "simpo", "precompute_reference": True}},
+        "loss simpo has no reference model",
+    ),
 }
 
 
