@@ -18,6 +18,7 @@ import typer
 
 from bigft.commands.common import console, out, quiet_libraries, user_errors
 from bigft.errors import BigftError
+from bigft.model.checks import holds_preprocessor
 
 FORMATS_HELP = (
     "Write a quantized model instead (an adapter is merged first): int8 or nf4 "
@@ -88,7 +89,7 @@ def run_scorer(run_dir: Path) -> Any:
                 job = replace(job, splits=(split,))
             else:
                 model: dict[str, Any] = {"name_or_path": str(model_dir), "revision": None}
-                if any((model_dir / f).is_file() for f in _PREPROCESSOR_FILES):
+                if holds_preprocessor(model_dir):
                     model["tokenizer"] = str(model_dir)
                 values = [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
                 cfg = load_config(run_dir / "config.yaml", ["train.resume=never", *values])
@@ -108,13 +109,6 @@ def run_scorer(run_dir: Path) -> Any:
         return {"split": split, **{k: results.get(k) for k in keys}}
 
     return score
-
-
-_PREPROCESSOR_FILES = (
-    "tokenizer_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
 
 
 def report_lines(report: dict[str, Any]) -> None:

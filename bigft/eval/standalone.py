@@ -25,6 +25,7 @@ import yaml
 from bigft.config import IMAGE_TASKS, TASK_METRICS, Config, DataConfig
 from bigft.config_io import load_config
 from bigft.errors import BigftError, DataError, require
+from bigft.model.checks import holds_preprocessor
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -121,8 +122,7 @@ def _run_job(run_dir: Path, data: str | None, task: str | None, overrides: list[
     values: dict[str, Any] = {"train": {"resume": "never"}, "model": {}}
     if not adapter:  # an adapter goes onto the base the run names
         values["model"]["name_or_path"] = str(final)
-    saved = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
-    if any((final / f).is_file() for f in saved):
+    if holds_preprocessor(final):
         values["model"]["tokenizer"] = str(final)  # the tokenizer the run trained with
     if task is not None:
         values["task"] = task

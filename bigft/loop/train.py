@@ -217,6 +217,8 @@ def _finish(run: Run) -> dict[str, Any]:
     }
     if run.mixture:
         summary["mixture"] = [asdict(share) for share in run.mixture]
+    if run.reference:
+        summary["reference"] = run.reference
     if run.teacher is not None:  # a sharded teacher holds 1/N of its weights per process
         teacher = engine_report(run.accelerator, run.teacher)["param_fraction_local"]
         summary["engine"]["teacher_param_fraction_local"] = teacher

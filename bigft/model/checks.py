@@ -13,6 +13,16 @@ from typing import Any
 from bigft.config import ModelConfig
 from bigft.errors import ModelError
 
+# What save_pretrained writes for a tokenizer, an image processor and a processor.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+PREPROCESSOR_FILES = ("tokenizer_config.json", *IMAGE_PROCESSOR_FILES)
+
+
+def holds_preprocessor(directory: Path, names: tuple[str, ...] = PREPROCESSOR_FILES) -> bool:
+    """Whether `directory` holds a saved tokenizer, image processor or processor (one of
+    `names`)."""
+    return any((directory / name).is_file() for name in names)
+
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()

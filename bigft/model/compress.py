@@ -32,6 +32,7 @@ import torch
 
 from bigft.config import Config
 from bigft.errors import BigftError, require
+from bigft.model.checks import holds_preprocessor
 from bigft.model.export import (
     ADAPTER_CONFIG,
     MARKER,
@@ -144,7 +145,7 @@ def _compressed(
         if adapter:
             source = tmp / SCRATCH
             merged_model(cfg, final).save_pretrained(source, safe_serialization=True)
-            copy_side_files(final if _has_side_files(final) else _base_dir(cfg), source)
+            copy_side_files(final if holds_preprocessor(final) else _base_dir(cfg), source)
         before = {"size": model_bytes(source), "parameters": stored_parameters(source)}
         facts = build(cfg, source, tmp)
         if not fmt.startswith("gguf:"):  # a .gguf file holds its tokenizer
@@ -255,11 +256,6 @@ def copy_side_files(source: Path, dest: Path) -> None:
         if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.startswith("adapter_model"):
             continue
         shutil.copy2(path, dest / path.name)
-
-
-def _has_side_files(directory: Path) -> bool:
-    names = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
-    return any((directory / name).is_file() for name in names)
 
 
 def _base_dir(cfg: Config) -> Path:

@@ -15,7 +15,14 @@ from bigft.config import IMAGE_TASKS, Config, ModelConfig, QuantConfig
 from bigft.engine.settings import global_rank, resolve_precision
 from bigft.errors import ModelError
 from bigft.model.attention import choose_attn_implementation, note_attention, resolve_model_class
-from bigft.model.checks import check_model_dir, check_tokenizer_files, first_line, load_error
+from bigft.model.checks import (
+    IMAGE_PROCESSOR_FILES,
+    check_model_dir,
+    check_tokenizer_files,
+    first_line,
+    holds_preprocessor,
+    load_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +71,7 @@ def load_preprocessor(cfg: Config) -> Any:
     if cfg.model.tokenizer is None:
         check_model_dir(name, what, cfg.model.allow_pickle)
     local = Path(name).expanduser()
-    saved = ("preprocessor_config.json", "processor_config.json")
-    if local.is_dir() and not any((local / f).is_file() for f in saved):
+    if local.is_dir() and not holds_preprocessor(local, IMAGE_PROCESSOR_FILES):
         raise ModelError(
             f"{what} '{name}' holds no image processor (preprocessor_config.json): save the "
             "base model's with AutoImageProcessor.from_pretrained(base).save_pretrained(dir), "

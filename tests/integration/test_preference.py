@@ -155,6 +155,8 @@ def test_precomputed_reference_trains_as_the_frozen_copy_does(
         tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="ahead", precompute_reference=True
     )
     assert run.teacher is None
+    summary = json.loads((tmp_path / "ahead" / "summary.json").read_text())
+    assert summary["reference"] == run.reference
     kept = len(run.data.train) + len(run.data.validation)  # 400 less exact duplicates
     assert run.reference.startswith(f"precomputed for {kept} pairs: computed in")
     stored = list(Path(run.reference.split("stored in ")[1]).parent.glob("*.npz"))
