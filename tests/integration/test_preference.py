@@ -142,17 +142,18 @@ def test_kto_separates_desirable_from_undesirable(tiny_base: Path, tmp_path: Pat
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
 
-def test_precomputed_reference_trains_as_the_frozen_copy_does(
-    tiny_base: Path, tmp_path: Path
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_precomputed_reference_trains_as_the_live_one_does(
+    method: str, tiny_base: Path, tmp_path: Path
 ) -> None:
     """preference.precompute_reference: one pass before step 1 scores every pair, stored
     beside the prepared data; the run holds no second model and logs the same losses and
-    rewards as with the frozen copy. A second run of the same data and model reuses the
-    stored values."""
-    full = {"name": "full"}
-    _, frozen = run_preference(tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="frozen")
+    rewards as with the live reference (full: the frozen copy; lora: the base with the
+    adapters disabled). A second run of the same data and model reuses the stored values."""
+    chosen, lr = ({"name": "full"}, 5e-4) if method == "full" else (LORA, 2e-3)
+    _, frozen = run_preference(tmp_path, tiny_base, "dpo", chosen, lr, steps=12, name="frozen")
     run, ahead = run_preference(
-        tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="ahead", precompute_reference=True
+        tmp_path, tiny_base, "dpo", chosen, lr, steps=12, name="ahead", precompute_reference=True
     )
     assert run.teacher is None
     summary = json.loads((tmp_path / "ahead" / "summary.json").read_text())
@@ -176,7 +177,7 @@ def test_precomputed_reference_trains_as_the_frozen_copy_does(
     assert ahead[-1]["eval_rewards/accuracy"] > ahead[0]["eval_rewards/accuracy"]
 
     again, _ = run_preference(
-        tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="again", precompute_reference=True
+        tmp_path, tiny_base, "dpo", chosen, lr, steps=12, name="again", precompute_reference=True
     )
     assert again.reference == f"precomputed for {kept} pairs: reused from {stored[0]}"
     assert curve("again") == pytest.approx(curve("ahead"), rel=1e-6)
