@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -103,19 +104,22 @@ def stateful_dataloader(dataset: Any, **kwargs: Any) -> Any:
 
 
 class _DropMessages(logging.Filter):
-    """Drops a logger's records whose message starts with one of `prefixes` (while
-    `applies()` holds); every other record of that logger passes."""
+    """Drops a logger's records whose message matches one of `patterns` (regular
+    expressions, matched at the start) while `applies()` holds; every other record of
+    that logger passes."""
 
     def __init__(
-        self, prefixes: tuple[str, ...], applies: Callable[[], bool] | None = None
+        self, patterns: tuple[str, ...], applies: Callable[[], bool] | None = None
     ) -> None:
         super().__init__()
-        self.prefixes, self.applies = prefixes, applies
+        self.patterns = [re.compile(p) for p in patterns]
+        self.applies = applies
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.applies is not None and not self.applies():
             return True
-        return not record.getMessage().startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.patterns)
 
 
 def _no_gpu_assigned() -> bool:
@@ -136,14 +140,20 @@ _LOG_FILTERS: dict[str, _DropMessages] = {
     # prints to stdout) by every process that imports deepspeed on a machine with no GPU.
     # Kept where a GPU was assigned but not found: there it explains a slow run.
     "DeepSpeed": _DropMessages(
-        ("Setting accelerator to CPU. If you have GPU or other accelerator",),
+        (r"Setting accelerator to CPU\. If you have GPU or other accelerator",),
         _no_gpu_assigned,
     ),
     # bitsandbytes/backends/cpu/ops.py, at import on CPUs with AVX512-BF16 when the
     # `kernels` package is missing: that kernel only serves the repacked inference layout
     # that `disable_bnb_cpu_repack` turns off, so nothing is lost without it.
     "bitsandbytes.backends.cpu.ops": _DropMessages(
-        ("Failed to load CPU gemm_4bit_forward from kernels-community",)
+        (r"Failed to load CPU gemm_4bit_forward from kernels-community",)
+    ),
+    # transformers/utils/import_utils.py, once per image processor class when torchvision
+    # is missing: bigft prepares images with the PIL processors it falls back to (its own
+    # augmentation uses PIL too), so there is nothing to install.
+    "transformers.utils.import_utils": _DropMessages(
+        (r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to",)
     ),
 }
 
@@ -157,10 +167,13 @@ _TORCH_DEPRECATED_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tenso
 def quiet_upstream_noise() -> None:
     """Keep messages of upstream packages that tell a bigft user nothing out of the log.
 
-    Upstream symptoms (deepspeed 0.19, bitsandbytes 0.50, torch 2.13): on a CPU machine
-    every process that imports deepspeed prints "Setting accelerator to CPU. If you have
-    GPU or other accelerator, we were unable to detect it."; importing bitsandbytes prints
-    "Failed to load CPU gemm_4bit_forward from kernels-community: ..."; a ZeRO-3 run
+    Upstream symptoms (deepspeed 0.19, bitsandbytes 0.50, torch 2.13, transformers 5.24):
+    on a CPU machine every process that imports deepspeed prints "Setting accelerator to
+    CPU. If you have GPU or other accelerator, we were unable to detect it."; importing
+    bitsandbytes prints "Failed to load CPU gemm_4bit_forward from kernels-community:
+    ..."; without torchvision, loading an image processor prints "`ViTImageProcessor`
+    requires torchvision (not installed); falling back to `ViTImageProcessorPil` ..."; a
+    ZeRO-3 run
     prints "`torch.distributed.all_gather_into_tensor` is deprecated" and
     "`torch.distributed.reduce_scatter_tensor` is deprecated" FutureWarnings at every
     step. Only those messages are dropped (by logger and text, or by warning category,

@@ -147,6 +147,9 @@ warnings.warn_explicit(
 warnings.warn("an unrelated FutureWarning", FutureWarning)
 logging.getLogger("DeepSpeed").warning("another DeepSpeed warning")
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes warning")
+from transformers import ViTImageProcessor  # without torchvision: the PIL processor
+from transformers.utils import logging as hf_logging
+hf_logging.get_logger("transformers.utils.import_utils").warning("another transformers warning")
 """
 
 UPSTREAM_NOISE = {
@@ -154,12 +157,14 @@ UPSTREAM_NOISE = {
     "bitsandbytes": "Failed to load CPU gemm_4bit_forward from kernels-community",
     "all_gather": "`torch.distributed.all_gather_into_tensor` is deprecated",
     "reduce_scatter": "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "torchvision": "`ViTImageProcessor` requires torchvision (not installed)",
 }
 STILL_SHOWN = (
     "`torch.distributed.other` is deprecated",
     "an unrelated FutureWarning",
     "another DeepSpeed warning",
     "another bitsandbytes warning",
+    "another transformers warning",
 )
 
 
