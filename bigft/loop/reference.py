@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from bigft import __version__
 from bigft.config import Config
@@ -38,6 +39,7 @@ from bigft.data import eval_batches as rank_batches
 from bigft.data.labeled import make_collator
 from bigft.data.pipeline import SPLITS, PreparedData
 from bigft.data.prepared import file_state
+from bigft.engine.accelerator import print_on_main
 from bigft.engine.settings import BatchLayout
 from bigft.loop.preference import initial_logps
 from bigft.preference_losses import needs_reference
@@ -68,15 +70,23 @@ def attach_reference(
     collate: Any,
     batch_size: int,
     preparation: Path | None,
+    console: Console,
 ) -> tuple[PreparedData, str]:
     """`data` with each split's reference log-probabilities as columns `ref_chosen` and
     `ref_rejected`, and one line on where they came from."""
     start = time.perf_counter()
     splits = {name: getattr(data, name) for name in SPLITS if getattr(data, name) is not None}
+    pairs = sum(len(rows) for rows in splits.values())
     path = None if preparation is None else preparation / FOLDER / f"{reference_key(cfg)}.npz"
     values = _read(path, splits) if path is not None else None
     found = torch.tensor([float(values is not None)], device=accelerator.device)
     if values is None or accelerator.gather(found).min().item() < 1:
+        print_on_main(
+            accelerator,
+            console,
+            f"reference: scoring {pairs:,} pairs before step 1 (preference.precompute_reference)",
+            highlight=False,
+        )
         values = {
             name: _score(model, accelerator, rows, collate, batch_size)
             for name, rows in splits.items()
@@ -96,7 +106,6 @@ def attach_reference(
         name: rows.add_column(COLUMNS[0], values[name][0]).add_column(COLUMNS[1], values[name][1])
         for name, rows in splits.items()
     }
-    pairs = sum(len(rows) for rows in splits.values())
     return replace(data, **columns), f"precomputed for {pairs:,} pairs: {how}"
 
 
@@ -171,6 +180,7 @@ def preference_reference(
     tokenizer: Any,
     layout: BatchLayout,
     folder: Path | None,
+    console: Console,
 ) -> tuple[PreparedData, str]:
     """Task preference's data (with preference.precompute_reference, the reference
     log-probabilities as columns) and what the reference is, in words."""
@@ -179,7 +189,7 @@ def preference_reference(
     if cfg.preference.precompute_reference:
         collate = make_collator(cfg, tokenizer)
         batch_size = cfg.eval.batch_size or layout.micro_batch_size
-        return attach_reference(cfg, accelerator, model, data, collate, batch_size, folder)
+        return attach_reference(cfg, accelerator, model, data, collate, batch_size, folder, console)
     if teacher is not None:
         return data, "a frozen copy of the model, laid out like the policy"
     return data, "the model with its adapters disabled"

@@ -130,7 +130,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         reference = ""
         if cfg.task == "preference":
             data, reference = preference_reference(
-                cfg, accelerator, model, data, teacher, tokenizer, layout, preparation.path
+                cfg, accelerator, model, data, teacher, tokenizer, layout, preparation.path, console
             )
             assert isinstance(loader, TrainLoader)  # task preference does not stream
             loader.dataset = data.train
