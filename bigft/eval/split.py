@@ -44,9 +44,8 @@ def evaluate_split(ctx: EvalContext, split: str, step: int) -> dict[str, Any]:
         from bigft.loop.preference import evaluate_preference
 
         batches = eval_batches(ctx, split)
-        reference = getattr(ctx, "teacher", None)  # a Run's frozen reference, if any
         result.update(
-            evaluate_preference(ctx.model, reference, batches, ctx.accelerator, cfg.preference)
+            evaluate_preference(ctx.model, ctx.teacher, batches, ctx.accelerator, cfg.preference)
         )
     elif getattr(ctx.data, split) is not None and cfg.task == "contrastive":
         batches = eval_batches(ctx, split)

@@ -47,7 +47,8 @@ class EvalJob:
     `file_rows`: the rows of `--data`, prepared as the training split, are scored as the
     test split. `adapter` is a peft adapter directory loaded onto cfg.model; `run_data`
     is the data section a run trained on, whose labels fix a classification adapter's
-    class ids.
+    class ids. `reference`: the model a run started from (its config's model.name_or_path),
+    which task preference's rewards of a fully fine-tuned model compare against.
     """
 
     cfg: Config
@@ -55,6 +56,7 @@ class EvalJob:
     file_rows: bool = False
     adapter: Path | None = None
     run_data: DataConfig | None = None
+    reference: str | None = None
 
 
 @contextmanager
@@ -127,12 +129,13 @@ def _run_job(run_dir: Path, data: str | None, task: str | None, overrides: list[
     if task is not None:
         values["task"] = task
     path, loaded = run_dir / "config.yaml", final if adapter else None
+    started = None if adapter else str(load_config(path).model.name_or_path)
     cfg = load_config(path, [*_as_overrides(values, ""), *overrides])
     if data is None:
-        return EvalJob(cfg, ("validation", "test"), adapter=loaded)
+        return EvalJob(cfg, ("validation", "test"), adapter=loaded, reference=started)
     values["data"] = _file_rows(data)
     scored = load_config(path, [*_as_overrides(values, ""), *overrides])
-    return EvalJob(scored, ("test",), True, loaded, cfg.data)
+    return EvalJob(scored, ("test",), True, loaded, cfg.data, started)
 
 
 def _model_job(
@@ -192,14 +195,15 @@ def run_evaluation(job: EvalJob, console: Console) -> dict[str, Any]:
     from bigft.engine.settings import batch_layout, world_size_from_env
 
     cfg = job.cfg
-    if cfg.task == "preference" and job.adapter is None:
+    if cfg.task == "preference" and job.adapter is None and job.reference is None:
         from bigft.preference_losses import needs_reference
 
         if needs_reference(cfg.preference):
             raise BigftError(
                 f"task preference, loss {cfg.preference.loss}: its rewards compare the model "
-                "with the reference it was trained against, which bigft eval has only for an "
-                "adapter run (the base); the run's metrics.jsonl holds its evaluations"
+                "with the reference it was trained against, which a model directory does "
+                "not name; score the run directory (its config names the model it started "
+                "from)"
             )
     if not launched():
         # The exported model is a plain directory: one process scores it without the
@@ -249,6 +253,7 @@ def _score(
         data.validation, data.test = None, data.train
     model = accelerator.prepare(model)
     ctx = EvalContext(
+        teacher=_reference(job, label_names, pad_token_id(tokenizer), accelerator),
         cfg=cfg,
         accelerator=accelerator,
         model=model,
@@ -265,6 +270,30 @@ def _score(
     if not results:
         raise NothingToScore(f"no {' or '.join(job.splits)} rows to evaluate: pass --data FILE")
     return results
+
+
+def _reference(
+    job: EvalJob, label_names: list[str] | None, pad_token_id: int | None, accelerator: Any
+) -> Any:
+    """Task preference, full fine-tuning with a loss that has a reference: the model the
+    run started from, frozen and laid out like the scored one (as in training, with
+    preference.precompute_reference too); otherwise None."""
+    from bigft.preference_losses import needs_reference
+
+    cfg = job.cfg
+    if cfg.task != "preference" or job.adapter is not None or job.reference is None:
+        return None
+    if not needs_reference(cfg.preference):
+        return None
+    from bigft.loop.setup import load_teacher
+
+    started = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"name_or_path": job.reference}),
+            "preference": cfg.preference.model_copy(update={"precompute_reference": False}),
+        }
+    )
+    return load_teacher(started, label_names, pad_token_id, accelerator)
 
 
 def _trained_label_names(job: EvalJob) -> list[str] | None:

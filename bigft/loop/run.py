@@ -85,6 +85,8 @@ class EvalContext:
     metrics: MetricsLog
     console: Console
     label_names: list[str] | None = None  # classification: class names in id order
+    # distillation teacher, or task preference's frozen reference (eval mode)
+    teacher: Any = None
 
 
 @dataclass(kw_only=True)
@@ -96,7 +98,6 @@ class Run(EvalContext):
     loader: TrainLoader | StreamLoader
     total_steps: int
     output_dir: Path
-    teacher: Any = None  # distillation teacher (frozen, eval mode)
     loss_info: dict[str, Any] = field(default_factory=dict)  # train.loss_impl in effect
     data_source: str = ""  # where the prepared data came from (bigft.data.prepared)
     reference: str = ""  # task preference: what the reference model is, in words

@@ -126,7 +126,7 @@ def setup(cfg: Config, console: Console | None = None, overwrite: bool = False) 
     output_dir = _prepare_output_dir(cfg, accelerator, overwrite)  # the first write
     try:
         model, optimizer = accelerator.prepare(model, optimizer)
-        teacher = _load_teacher(cfg, label_names, pad_token_id(tokenizer), accelerator)
+        teacher = load_teacher(cfg, label_names, pad_token_id(tokenizer), accelerator)
         reference = ""
         if cfg.task == "preference":
             data, reference = preference_reference(
@@ -216,7 +216,7 @@ def _check_model_sources(cfg: Config) -> None:
         check_model_config(teacher, cfg.train.seq_len, "distill.teacher")
 
 
-def _load_teacher(
+def load_teacher(
     cfg: Config, label_names: list[str] | None, pad_token_id: int | None, accelerator: Accelerator
 ) -> Any:
     """distill.teacher, or task preference's reference model (full fine-tuning with a

@@ -181,3 +181,33 @@ def test_precomputed_reference_trains_as_the_live_one_does(
     )
     assert again.reference == f"precomputed for {kept} pairs: reused from {stored[0]}"
     assert curve("again") == pytest.approx(curve("ahead"), rel=1e-6)
+
+
+def test_bigft_eval_scores_a_dpo_run_against_the_model_it_started_from(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """`bigft eval RUN` of a fully fine-tuned DPO run (its reference precomputed in
+    training) loads the model the run started from as the reference: the rewards equal
+    the run's own last evaluation. A bare model directory names no reference: one line."""
+    from typer.testing import CliRunner
+
+    from bigft.commands import app
+
+    full = {"name": "full"}
+    _, evals = run_preference(
+        tmp_path, tiny_base, "dpo", full, 5e-4, steps=12, name="run", precompute_reference=True
+    )
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)["validation"]
+    last = evals[-1]
+    assert last["eval_rewards/accuracy"] > 0.5  # the run moved away from its reference
+    for key in ("eval_loss", "eval_rewards/margin", "eval_rewards/accuracy", "eval_pairs"):
+        assert scored[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+
+    data = tmp_path / "dpo.jsonl"
+    bare = [str(tmp_path / "run" / "final"), "--task", "preference", "--data", str(data)]
+    refused = CliRunner().invoke(app, ["eval", *bare])
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.exit_code == 2 and len(lines) == 1, refused.output
+    assert "score the run directory" in lines[0]
