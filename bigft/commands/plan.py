@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -159,7 +160,7 @@ def plan(
         work,
         card,
         margin=margin,
-        global_batch=global_batch or getattr(train, "global_batch_size", None),
+        global_batch=_in_sequences(global_batch or getattr(train, "global_batch_size", None), cfg),
         micro_given=given,
         grad_accum=getattr(train, "grad_accum", None),
         cpu_mem_gib=cpu_mem,
@@ -233,3 +234,10 @@ def _check_numbers(
             raise BigftError(f"{flag} {size:g}: must be a positive number of GiB")
     if not (math.isfinite(margin) and 0 <= margin < 1):
         raise BigftError(f"--margin {margin:g}: must be a fraction in [0, 1), e.g. 0.05")
+
+
+def _in_sequences(global_batch: int | None, cfg: Any) -> int | None:
+    """A global batch of rows (task preference: pairs) in the sequences the plan counts."""
+    from bigft.plan.from_config import sequences_per_row
+
+    return None if global_batch is None else global_batch * sequences_per_row(cfg)

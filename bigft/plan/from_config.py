@@ -75,6 +75,13 @@ def sequence_labels(cfg: Any) -> int | None:
     return len(names) if names else UNLISTED_CLASSES
 
 
+def sequences_per_row(cfg: Any) -> int:
+    """Sequences one row of the config's data puts through the model: 2 for task
+    preference (chosen and rejected; KTO's row and its mismatched copy), else 1. The
+    planner's micro-batch and global batch count sequences."""
+    return 2 if str(getattr(cfg, "task", "")) == "preference" else 1
+
+
 def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     """A Workload from a bigft Config; keyword flags (not None) override it."""
     method = getattr(cfg, "method", None)
@@ -140,7 +147,7 @@ def workload_from_config(cfg: Any, **flags: Any) -> Workload:
     if str(getattr(cfg, "task", "")) == "preference":
         # Chosen and rejected run in one forward: twice the sequences, and the loss reads
         # each sequence's log-probabilities from the full logits.
-        values["micro_batch"] *= 2
+        values["micro_batch"] *= sequences_per_row(cfg)
         values["loss_impl"] = "full"
         pref = getattr(cfg, "preference", None)
         loss = str(getattr(pref, "loss", "dpo"))

@@ -21,7 +21,7 @@ from bigft.plan.batch import (
     usable_bytes,
 )
 from bigft.plan.engines import single_gpu_note
-from bigft.plan.from_config import planned_gpu, workload_from_config
+from bigft.plan.from_config import planned_gpu, sequences_per_row, workload_from_config
 from bigft.plan.hardware import GIB, GPU
 from bigft.plan.memory import Breakdown, analytic
 from bigft.plan.workload import UNSUPPORTED, Workload
@@ -253,6 +253,7 @@ def choose_micro_batch(
     of them it returns 1 and the report's `message` says why.
     """
     work = workload_from_config(cfg, gpus_per_node=world_size, nodes=1)
+    per_row = sequences_per_row(cfg)  # the plan counts sequences, the config rows
     global_batch = getattr(cfg.train, "global_batch_size", None)
     gpu = detect_gpu(gpu_mem_bytes)
     source = "gpu_mem_bytes" if gpu_mem_bytes is not None else "the GPU this process sees"
@@ -273,12 +274,18 @@ def choose_micro_batch(
         )
         return 1, report
     report = make_plan(
-        work, gpu, global_batch=global_batch, grad_accum=getattr(cfg.train, "grad_accum", None)
+        work,
+        gpu,
+        global_batch=None if global_batch is None else global_batch * per_row,
+        grad_accum=getattr(cfg.train, "grad_accum", None),
     )
     report.gpu_source = source
     if report.message is None:
         report.message = f"largest micro-batch that fits {gpu.name} ({source})"
-    return max(report.micro_batch, 1), report
+    if per_row == 1:
+        return max(report.micro_batch, 1), report
+    rows, _ = pick_micro_batch(report.max_micro_batch // per_row, world_size, global_batch)
+    return max(rows, 1), report
 
 
 def plan_for_run(cfg: Any, world_size: int, grad_accum: int) -> PlanReport:
