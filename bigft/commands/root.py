@@ -26,6 +26,7 @@ from bigft.commands.common import (
     user_errors,
 )
 from bigft.commands.compress import FORMATS_HELP, export_quantized, prune
+from bigft.commands.data import data_app
 from bigft.commands.plan import plan  # imports no torch: --simulate does, when run
 from bigft.commands.slurm import slurm_app
 from bigft.errors import BigftError
@@ -79,7 +80,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Inspect what the data pipeline makes of a config's data.")
 config_app = typer.Typer(help="Show and check configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
@@ -135,61 +135,6 @@ def train(
     from bigft.slurm.queue import after_stop
 
     after_stop(summary, console)  # under Slurm: requeue after a USR1 stop
-
-
-@data_app.command("preview")
-@user_errors
-def data_preview(
-    config: Path = CONFIG_ARG,
-    overrides: list[str] | None = OVERRIDES_ARG,
-    num: int = typer.Option(3, "--num", "-n", help="Examples to show."),
-) -> None:
-    """Show formatted + tokenized examples (masked prompt dimmed) and data statistics."""
-    from bigft.config_io import load_config
-
-    if num < 1:
-        raise BigftError(f"--num {num}: show at least 1 example")
-
-    cfg = load_config(config, checked_overrides(overrides))
-    quiet_libraries()
-    if cfg.task in ("image_classification", "contrastive"):
-        from bigft.data.images import prepare_images, preview_images
-
-        return preview_images(*prepare_images(cfg), cfg, out, num)
-    from bigft.data import prepare_data
-    from bigft.data.preview import preview
-    from bigft.demo import demo_base_for_preview
-    from bigft.model.load import load_tokenizer
-
-    with demo_base_for_preview(config, cfg, out) as cfg:
-        tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_data(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed)
-    preview(prepared, tokenizer, out, n=num)
-
-
-@data_app.command("prepare")
-@user_errors
-def data_prepare(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
-    """Tokenize, mask, clean and split the config's data once, into the prepared-data
-    store (data.prepared_dir) where `bigft train` finds it; processes started together
-    prepare once and share it."""
-    from bigft.config_io import load_config
-
-    cfg = load_config(config, checked_overrides(overrides))
-    if not cfg.data.cache:
-        raise BigftError("data.cache is false: nothing is kept to prepare (set data.cache=true)")
-    quiet_libraries()
-    from bigft.data.prepared import preparation_text, prepared_for_task
-    from bigft.data.preview import removal_report, stats_table
-    from bigft.model.load import load_preprocessor
-
-    tokenizer = load_preprocessor(cfg)
-    prepared, _, preparation = prepared_for_task(cfg, tokenizer)
-    out.print(stats_table(prepared))
-    for name, stats in prepared.stats.splits.items():
-        for line in removal_report(name, stats):
-            out.print(line, soft_wrap=True)
-    out.print(preparation_text(preparation), highlight=False, soft_wrap=True)
 
 
 @config_app.command("show")

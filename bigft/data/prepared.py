@@ -16,7 +16,9 @@ whole preparation; a killed preparation leaves only its temporary folder and loc
 lock names its host and process and is touched while the work goes on: a waiter takes
 over a lock whose process is gone (same host) or that has not moved for `STALE_S`
 seconds (another host), and removes the temporary folder that process left, which bigft
-created. Nothing else in the store is ever deleted.
+created. Nothing else in the store is deleted, except by `bigft data prune`
+(`bigft.data.store`): reusing a preparation touches its folder, so its modification time
+says when a run last used it.
 
 Where: `data.prepared_dir`, or `bigft-prepared/` in the datasets library's cache
 (`HF_DATASETS_CACHE`, by default ~/.cache/huggingface/datasets); on a cluster, a shared
@@ -190,6 +192,8 @@ def load_or_prepare(
     while True:
         if final.is_dir():
             data, labels = _load(final)
+            with contextlib.suppress(OSError):  # last used (bigft data prune); may be read-only
+                os.utime(final)
             outcome = "waited" if waited else "reused"
             return data, labels, Preparation(final, digest, outcome, time.perf_counter() - start)
         with _lock(root, digest) as held:

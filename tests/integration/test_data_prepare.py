@@ -207,3 +207,55 @@ def test_without_the_cache_nothing_is_written(tiny_base: Path, tmp_path: Path) -
     assert preparation.outcome == "in memory" and not (tmp_path / "store").exists()
     result = CliRunner().invoke(app, ["data", "prepare", str(path), "data.cache=false"])
     assert result.exit_code != 0 and "data.cache is false" in result.output
+
+
+def test_prune_removes_only_old_preparations_bigft_wrote(tiny_base: Path, tmp_path: Path) -> None:
+    """`bigft data prune`: lists first and removes with --yes; a preparation a run reused
+    counts as used then; a locked one, foreign files and folders that are not whole
+    preparations stay; the next run prepares again."""
+    path, _ = _config(tmp_path, tiny_base)
+    store = tmp_path / "store"
+    prepare = ["data", "prepare", str(path), f"data.prepared_dir={store}"]
+    assert CliRunner().invoke(app, prepare).exit_code == 0
+    (digest,) = _entries(store)
+    foreign = [store / "notes.txt", store / "0123456789abcdef0123", store / "mine"]
+    foreign[0].write_text("the user's")
+    foreign[1].mkdir()  # a fingerprint's name, but no preparation in it
+    foreign[2].mkdir()
+    month_ago = time.time() - 40 * 86400
+    os.utime(store / digest, (month_ago, month_ago))
+
+    prune = ["data", "prune", str(path), f"data.prepared_dir={store}", "--unused-days", "30"]
+    listed = CliRunner().invoke(app, prune)
+    assert listed.exit_code == 0, listed.output
+    assert f"remove {digest}" in listed.output and "run again with --yes" in listed.output
+    assert all(f"skip   {p.name}" in listed.output for p in foreign)
+    assert (store / digest).is_dir()  # only listed
+
+    reused = CliRunner().invoke(app, prepare)  # a run reusing it marks it used
+    assert "data: reused from" in reused.output
+    assert f"keep   {digest}" in CliRunner().invoke(app, prune).output
+
+    os.utime(store / digest, (month_ago, month_ago))
+    (store / f"{digest}.lock").write_text("{}")  # being read or written right now
+    locked = CliRunner().invoke(app, [*prune, "--yes"])
+    assert f"locked {digest}" in locked.output and (store / digest).is_dir()
+
+    (store / f"{digest}.lock").unlink()
+    removed = CliRunner().invoke(app, [*prune, "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert "removed 1 preparation(s)" in removed.output
+    assert _entries(store) == sorted(p.name for p in foreign)
+    assert foreign[0].read_text() == "the user's"
+    again = CliRunner().invoke(app, prepare)
+    assert "data: prepared into" in again.output and (store / digest).is_dir()
+
+
+def test_prune_mistakes_are_one_line(tmp_path: Path) -> None:
+    for args, message in (
+        (["--unused-days", "-1"], "give 0 or more days"),
+        ([str(tmp_path / "cfg.yaml"), "--store", str(tmp_path)], "not both"),
+    ):
+        result = CliRunner().invoke(app, ["data", "prune", *args])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
